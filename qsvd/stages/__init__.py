@@ -1,0 +1,17 @@
+"""Pipeline stages: each reads artefacts, calls the math and model code, and writes artefacts.
+
+`STAGE_VERSIONS` reaches each Snakemake rule as a param: bump a stage's version when a change
+to its code alters its numbers, so that Snakemake re-runs it and everything downstream.
+"""
+
+STAGE_VERSIONS = {
+    "data": 1,
+    "demo_model": 1,
+    "activation_stats": 1,
+    "decompose": 1,
+    "importance": 1,
+    "rank_plan": 1,
+    "lowrank_model": 1,
+    "evaluate": 1,
+    "report": 1,
+}

@@ -1,0 +1,158 @@
+"""`qsvd <stage> ...`: one subcommand per pipeline stage, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _data(a):
+    from qsvd.data.materialise import materialise_dataset
+
+    materialise_dataset(a.dataset, a.split, a.num_samples, a.seed, a.out, Path(a.local_dir) if a.local_dir else None)
+
+
+def _demo_model(a):
+    from qsvd.demo.train import train_demo_model
+
+    train_demo_model(a.out, seed=a.seed, max_minutes=a.max_minutes, **json.loads(a.recipe))
+
+
+def _stats(a):
+    from qsvd.stages.activation_stats import run_activation_stats
+
+    run_activation_stats(a.model, a.family, a.data, a.out, DTYPES[a.dtype])
+
+
+def _decompose(a):
+    from qsvd.stages.decompose import run_decompose
+
+    run_decompose(a.model, a.family, a.stats, a.scaling, a.alpha, a.out)
+
+
+def _importance(a):
+    from qsvd.stages.importance import run_importance
+
+    run_importance(a.model, a.family, a.decomposition, a.data, a.out)
+
+
+def _rank_plan(a):
+    from qsvd.stages.rank_plan import run_rank_plan
+
+    run_rank_plan(a.decomposition, a.importance, a.allocation, a.budget_kind, a.budget, a.r_min, a.out)
+
+
+def _lowrank_model(a):
+    from qsvd.stages.lowrank_model import run_lowrank_model
+
+    run_lowrank_model(a.model, a.family, a.decomposition, a.plan, a.beta, a.out)
+
+
+def _evaluate(a):
+    from qsvd.stages.evaluate import run_evaluate
+
+    run_evaluate(a.model, a.family, a.data, a.out, a.max_new_tokens, json.loads(a.labels), DTYPES[a.dtype])
+
+
+def _report(a):
+    from qsvd.stages.report import write_report
+
+    write_report(a.results, a.csv, a.markdown, a.plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qsvd", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    def stage(name, func, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="low-rank checkpoint, local model directory or hub id")
+        p.add_argument("--family", required=True)
+
+    p = stage("data", _data, "materialise a calibration or evaluation set")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local-dir", default=None)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("demo-model", _demo_model, "train the offline demo VLM on easy-vqa")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=5.0)
+    p.add_argument("--recipe", default="{}", help="JSON overrides of the training recipe")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("stats", _stats, "activation statistics of the LM attention inputs")
+    model_args(p)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("decompose", _decompose, "thin SVD of each layer's scaled joint QKV matrix")
+    model_args(p)
+    p.add_argument("--stats", type=Path, required=True)
+    p.add_argument("--scaling", default="abs_mean")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("importance", _importance, "gradient importance of every singular value")
+    model_args(p)
+    p.add_argument("--decomposition", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("rank-plan", _rank_plan, "per-layer ranks for one budget")
+    p.add_argument("--decomposition", type=Path, required=True)
+    p.add_argument("--importance", type=Path, default=None)
+    p.add_argument("--allocation", default="importance")
+    p.add_argument("--budget-kind", default="R1")
+    p.add_argument("--budget", type=float, required=True)
+    p.add_argument("--r-min", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("lowrank-model", _lowrank_model, "build and save the low-rank model")
+    model_args(p)
+    p.add_argument("--decomposition", type=Path, required=True)
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--beta", type=float, default=0.2)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("evaluate", _evaluate, "greedy generation and scoring on one dataset")
+    model_args(p)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--labels", default="{}", help="JSON labels copied into the result (model, method, budget...)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("report", _report, "tidy CSV, markdown tables and trade-off plot")
+    p.add_argument("--csv", type=Path, required=True)
+    p.add_argument("--markdown", type=Path, required=True)
+    p.add_argument("--plot", type=Path, required=True)
+    p.add_argument("results", type=Path, nargs="+")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

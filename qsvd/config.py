@@ -1,0 +1,199 @@
+"""The strict typed view of the workflow config (the JSON schema in workflow/schemas is the other half).
+
+`load_config` applies the schema's defaults, rejects unknown keys and out-of-range values with
+the offending key named, and derives the cache-key path segments of every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+DEMO_SOURCE = "demo"
+# Largest R1 a budget may ask for: rank E on MHA costs 4/3 of the dense QKV.
+MAX_BUDGET = {"rank_fraction": 1.0, "R1": 4.0 / 3.0, "R2": 1.0}
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    source: str
+    family: str
+    dtype: str = "float32"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source == DEMO_SOURCE
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seed: int = 0
+    max_minutes: float = 5.0
+    recipe: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    dataset: str
+    split: str
+    num_samples: int | None = None
+    seed: int = 0
+    local_dir: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Path segment naming exactly this sample set."""
+        count = "all" if self.num_samples is None else str(self.num_samples)
+        local = "-local" if self.local_dir else ""
+        return f"{self.dataset}-{self.split}-n{count}-s{self.seed}{local}"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    tasks: tuple[DatasetConfig, ...]
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class SvdConfig:
+    scaling: str = "abs_mean"
+    alpha: float = 0.5
+
+    @property
+    def key(self) -> str:
+        return self.scaling if self.scaling == "none" else f"{self.scaling}-a{self.alpha:g}"
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    budgets: tuple[float, ...]
+    allocation: str = "importance"
+    budget_kind: str = "R1"
+    r_min: int = 1
+
+    def key(self, budget: float) -> str:
+        return f"{self.allocation}-{self.budget_kind}{budget:g}-min{self.r_min}"
+
+
+@dataclass(frozen=True)
+class FactorsConfig:
+    beta: float = 0.2
+
+    @property
+    def key(self) -> str:
+        return f"beta{self.beta:g}"
+
+
+@dataclass(frozen=True)
+class QsvdConfig:
+    model: ModelConfig
+    calibration: DatasetConfig
+    evaluation: EvaluationConfig
+    svd: SvdConfig
+    rank: RankConfig
+    factors: FactorsConfig
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def _build(cls, data: Any, where: str):
+    """Build dataclass `cls` from a dict, rejecting unknown keys and missing required ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {where + '.' if where else ''}{unknown[0]}; "
+            f"allowed keys here: {sorted(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing config key {key}")
+            continue
+        values[name] = _convert(hints[name], data[name], key)
+    return cls(**values)
+
+
+def _convert(hint, value: Any, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key} must be a list")
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    wrong_type = hint in (int, float, str, dict) and not isinstance(value, hint)
+    if wrong_type or (isinstance(value, bool) and hint is not bool):
+        raise ConfigError(f"config key {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_config(data: dict) -> QsvdConfig:
+    """Validate against the JSON schema (with defaults), then build and range-check the typed view."""
+    validate_schema(data)
+    config = _build(QsvdConfig, data, "")
+    _check_ranges(config)
+    return config
+
+
+def validate_schema(data: dict) -> None:
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        error = errors[0]
+        key = ".".join(str(p) for p in error.absolute_path) or "config"
+        raise ConfigError(f"config key {key}: {error.message}")
+
+
+def _check_ranges(config: QsvdConfig) -> None:
+    limit = MAX_BUDGET[config.rank.budget_kind]
+    for i, budget in enumerate(config.rank.budgets):
+        if not 0 < budget <= limit:
+            raise ConfigError(
+                f"config key rank.budgets[{i}] = {budget} is out of range for budget_kind "
+                f"{config.rank.budget_kind!r}: use a value in (0, {limit:.4g}]"
+            )
+    for where, dataset in [("calibration", config.calibration)] + [
+        (f"evaluation.tasks[{i}]", t) for i, t in enumerate(config.evaluation.tasks)
+    ]:
+        if dataset.local_dir and not Path(dataset.local_dir).expanduser().exists():
+            raise ConfigError(
+                f"config key {where}.local_dir: {dataset.local_dir} does not exist; "
+                "give an existing directory or null to use the hub"
+            )
+    source = config.model.source
+    if not config.model.is_demo and looks_like_path(source) and not Path(source).expanduser().exists():
+        raise ConfigError(
+            f"config key model.source: local path {source} does not exist; "
+            "give an existing model directory, a hub id, or 'demo'"
+        )
+
+
+def looks_like_path(source: str) -> bool:
+    """A model source is a local path if it starts like one or exists; otherwise a hub id."""
+    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()

@@ -1,0 +1,55 @@
+"""The materialised dataset format shared by every stage.
+
+A dataset directory holds `samples.jsonl` (one `Record` per line), an `images/` folder of PNG
+files referenced by relative path, and a `manifest.json` with provenance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from qsvd.artefacts import _atomic_write, read_json
+
+SAMPLES = "samples.jsonl"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One question: `answer` is the canonical gold answer, `answers` every reference answer."""
+
+    id: str
+    task: str
+    question: str
+    answer: str
+    answers: list[str] = field(default_factory=list)
+    choices: list[str] | None = None
+    image: str | None = None
+
+    def load_image(self, root: str | Path) -> Image.Image | None:
+        if self.image is None:
+            return None
+        return Image.open(Path(root) / self.image).convert("RGB")
+
+
+def write_records(directory: str | Path, records: list[Record]) -> Path:
+    """Write `samples.jsonl` atomically (images must already be in place)."""
+    path = Path(directory) / SAMPLES
+    lines = "".join(json.dumps(asdict(r)) + "\n" for r in records)
+    _atomic_write(path, lambda tmp: tmp.write_text(lines))
+    return path
+
+
+def read_records(directory: str | Path) -> list[Record]:
+    """Read a materialised dataset directory."""
+    path = Path(directory) / SAMPLES
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the data stage (qsvd data) first")
+    return [Record(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def dataset_manifest(directory: str | Path) -> dict:
+    return read_json(Path(directory) / "manifest.json")

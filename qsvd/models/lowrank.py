@@ -1,0 +1,101 @@
+"""Low-rank joint QKV attention: one shared down-projection per layer, one up-projection per output.
+
+The attention module keeps calling `q_proj(x)`, `k_proj(x)`, `v_proj(x)` on the same hidden
+states; the three `LatentUpProjection`s share one `SharedDownProjection` that computes the latent
+C = B x once per input and hands it to all three (the published code multiplies by B three times).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+DOWN_NAME = "qkv_down"
+
+
+class SharedDownProjection(nn.Module):
+    """C = B x, memoised on the identity of x so q, k and v share one computation."""
+
+    def __init__(self, in_features: int, rank: int, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.rank = rank
+        self.weight = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self._last_input: weakref.ref | None = None
+        self._last_latent: torch.Tensor | None = None
+        self._last_version = -1
+        self.latent_computations = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = self._last_input() if self._last_input is not None else None
+        if last is x and self._last_latent is not None and last._version == self._last_version:
+            return self._last_latent
+        latent = nn.functional.linear(x, self.weight)
+        self._last_input, self._last_version, self._last_latent = weakref.ref(x), x._version, latent
+        self.latent_computations += 1
+        return latent
+
+    def release(self) -> None:
+        """Drop the memoised latent (called after each attention forward)."""
+        self._last_input = self._last_latent = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, rank={self.rank}"
+
+
+class LatentUpProjection(nn.Module):
+    """y = A (B x) + b, reading the latent from the layer's shared down-projection."""
+
+    def __init__(
+        self,
+        down: SharedDownProjection,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        super().__init__()
+        # A plain attribute, not a submodule: B is owned (and saved) once, by the attention module.
+        object.__setattr__(self, "down", down)
+        self.in_features = down.in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, down.rank, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.down(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.down.rank}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _release_after_forward(module: nn.Module, args, output) -> None:
+    getattr(module, DOWN_NAME).release()
+
+
+def install_lowrank_qkv(
+    attention: nn.Module,
+    projections: tuple[nn.Module, nn.Module, nn.Module],
+    set_projection,
+    rank: int,
+    in_features: int,
+    biases: tuple[bool, bool, bool],
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> tuple[SharedDownProjection, list[LatentUpProjection]]:
+    """Replace q/k/v of `attention` by empty low-rank shells of `rank` (weights to be filled or loaded).
+
+    `projections` are the current q, k, v modules (their output sizes are kept) and
+    `set_projection(which, module)` swaps one of them in place.
+    """
+    down = SharedDownProjection(in_features, rank, dtype=dtype, device=device)
+    attention.add_module(DOWN_NAME, down)
+    ups = []
+    for which, old, bias in zip("qkv", projections, biases):
+        up = LatentUpProjection(down, old.out_features, bias, dtype=dtype, device=device)
+        set_projection(which, up)
+        ups.append(up)
+    attention.register_forward_hook(_release_after_forward)
+    return down, ups

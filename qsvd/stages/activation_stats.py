@@ -1,0 +1,65 @@
+"""Stage 3: per-channel statistics of the input of every LM attention block (prompt tokens only)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qsvd.artefacts import provenance, write_artefact
+from qsvd.models.checkpoint import open_model
+from qsvd.models.registry import family_by_name
+from qsvd.models.surgery import attention_inputs
+from qsvd.stages.calibration import calibration_batches, count_records
+
+log = logging.getLogger(__name__)
+STATISTICS = ("abs_mean", "abs_max")
+
+
+class ChannelStatistics:
+    """Running |x| mean and max per input channel, per layer, over every token seen."""
+
+    def __init__(self) -> None:
+        self.abs_sum: dict[int, torch.Tensor] = {}
+        self.abs_max: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, int] = {}
+
+    def record(self, layer: int, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).abs().to(torch.float64)
+        if layer not in self.tokens:
+            self.abs_sum[layer] = torch.zeros(flat.shape[1], dtype=torch.float64)
+            self.abs_max[layer] = torch.zeros(flat.shape[1], dtype=torch.float64)
+            self.tokens[layer] = 0
+        self.abs_sum[layer] += flat.sum(0)
+        self.abs_max[layer] = torch.maximum(self.abs_max[layer], flat.max(0).values)
+        self.tokens[layer] += flat.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer in sorted(self.tokens):
+            out[f"layer.{layer}.abs_mean"] = (self.abs_sum[layer] / self.tokens[layer]).float()
+            out[f"layer.{layer}.abs_max"] = self.abs_max[layer].float()
+        return out
+
+
+def run_activation_stats(
+    model_source: str, family: str, data_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Forward every calibration prompt and store abs_mean / abs_max per LM layer."""
+    model, processor = open_model(model_source, family, dtype)
+    adapter = family_by_name(family)
+    stats = ChannelStatistics()
+    with torch.no_grad(), attention_inputs(model, adapter, stats.record):
+        batches = calibration_batches(processor, adapter, data_dir, with_answer=False)
+        for batch in tqdm(batches, total=count_records(data_dir), desc="activation statistics"):
+            model(**batch)
+    if not stats.tokens:
+        raise ValueError(f"no calibration samples in {data_dir}")
+    manifest = provenance(
+        "activation_stats",
+        {"model_source": str(model_source), "family": family, "data_dir": str(data_dir), "dtype": str(dtype)},
+    )
+    manifest["layers"] = [{"layer": l, "tokens": stats.tokens[l]} for l in sorted(stats.tokens)]
+    return write_artefact(out_dir, stats.tensors(), manifest)

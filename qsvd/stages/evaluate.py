@@ -1,0 +1,70 @@
+"""Stage 8: greedy generation on an evaluation set, answer extraction, score; every prediction saved."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qsvd.artefacts import _atomic_write, provenance, write_json
+from qsvd.data.records import read_records
+from qsvd.evaluation.answers import score_prediction
+from qsvd.models.checkpoint import is_lowrank_checkpoint, load_lowrank_checkpoint, open_model
+from qsvd.models.prompts import decode_generated, encode_prompt
+from qsvd.models.registry import family_by_name
+
+METRICS = {"easy-vqa": "accuracy", "scienceqa-img": "accuracy", "vizwiz": "vqa_accuracy"}
+
+
+def run_evaluate(
+    model_source: str,
+    family: str,
+    data_dir: Path,
+    out_path: Path,
+    max_new_tokens: int,
+    labels: dict,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Score one model on one materialised dataset; `labels` (model, method, budget, ...) go in the result."""
+    if is_lowrank_checkpoint(model_source):
+        model, processor, manifest = load_lowrank_checkpoint(model_source, dtype)
+        cost = {"R1": manifest["cost"]["R1"], "R2": manifest["cost"]["R2"]}
+    else:
+        model, processor = open_model(model_source, family, dtype)
+        cost = {"R1": 1.0, "R2": 1.0}
+    adapter = family_by_name(family)
+    records = read_records(data_dir)
+    predictions = []
+    with torch.no_grad():
+        for record in tqdm(records, desc=f"evaluate {Path(data_dir).name}"):
+            image = record.load_image(data_dir) if adapter.multimodal else None
+            batch = encode_prompt(processor, adapter, record.question, image)
+            prompt_length = batch["input_ids"].shape[1]
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            text = decode_generated(processor, output, prompt_length)
+            extracted, score = score_prediction(record.task, text, record)
+            predictions.append(
+                {"id": record.id, "question": record.question, "gold": record.answer, "generated": text, "extracted": extracted, "score": score}
+            )
+    task = records[0].task
+    result = provenance(
+        "evaluate",
+        {"model_source": str(model_source), "family": family, "data_dir": str(data_dir), "max_new_tokens": max_new_tokens, "dtype": str(dtype)},
+    )
+    result.update(labels)
+    result.update(
+        cost,
+        task=task,
+        metric=METRICS[task],
+        score=statistics.fmean(p["score"] for p in predictions),
+        num_samples=len(predictions),
+        quantization="none (full precision)",
+        predictions=Path(out_path).with_suffix(".predictions.jsonl").name,
+    )
+    lines = "".join(json.dumps(p) + "\n" for p in predictions)
+    _atomic_write(Path(out_path).with_suffix(".predictions.jsonl"), lambda tmp: tmp.write_text(lines))
+    write_json(out_path, result)
+    return Path(out_path)

@@ -1,0 +1,60 @@
+"""Stage 5: gradient importance of every singular value of every layer (paper Eq. 10).
+
+Answer-only cross-entropy per calibration sample (labels unshifted: the model shifts once);
+g_{n,i} = u_iᵀ G̃_n v_i with G̃ = G diag(s)^-1; I_{l,i} = σ_i² · mean_n g_{n,i}², in float32.
+Scores do not depend on the budget: one file serves every rank ratio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qsvd.artefacts import provenance, write_artefact
+from qsvd.math.allocate import importance
+from qsvd.math.decompose import scaled_gradient_projection
+from qsvd.models.checkpoint import open_model
+from qsvd.models.registry import decoder_layers, family_by_name, qkv_projections
+from qsvd.stages.calibration import calibration_batches, count_records
+from qsvd.stages.decompose import read_decomposition
+
+
+def run_importance(model_source: str, family: str, decomposition_dir: Path, data_dir: Path, out_dir: Path) -> Path:
+    """Accumulate mean_n g_{n,i}² over calibration samples and store the importance per layer."""
+    model, processor = open_model(model_source, family, torch.float32)
+    adapter = family_by_name(family)
+    svds, _, _ = read_decomposition(decomposition_dir)
+    projections = [qkv_projections(layer, adapter) for layer in decoder_layers(model, adapter)]
+    if len(projections) != len(svds):
+        raise ValueError(f"{decomposition_dir} has {len(svds)} layers, the model {len(projections)}")
+    model.requires_grad_(False)
+    for layer in projections:
+        for p in layer:
+            p.weight.requires_grad_(True)
+    grad_sq_sum = [torch.zeros_like(svd.sigma) for svd in svds]
+    samples = 0
+    batches = calibration_batches(processor, adapter, data_dir, with_answer=True)
+    for batch in tqdm(batches, total=count_records(data_dir), desc="gradient importance"):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite calibration loss {loss.item()} on sample {samples}")
+        loss.backward()
+        for index, (layer, svd) in enumerate(zip(projections, svds)):
+            grad = torch.cat([p.weight.grad for p in layer])
+            grad_sq_sum[index] += scaled_gradient_projection(svd, grad).pow(2)
+        samples += 1
+    if samples == 0:
+        raise ValueError(f"no calibration samples in {data_dir}")
+    tensors = {}
+    for index, (svd, total) in enumerate(zip(svds, grad_sq_sum)):
+        tensors[f"layer.{index}.importance"] = importance(svd.sigma, total / samples)
+        tensors[f"layer.{index}.grad_sq_mean"] = (total / samples).float()
+    manifest = provenance(
+        "importance",
+        {"model_source": str(model_source), "family": family, "decomposition_dir": str(decomposition_dir), "data_dir": str(data_dir)},
+    )
+    manifest["samples"] = samples
+    return write_artefact(out_dir, tensors, manifest)

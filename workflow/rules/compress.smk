@@ -1,0 +1,121 @@
+rule activation_stats:
+    input:
+        model_input,
+        data=f"results/data/{CFG.calibration.key}",
+    output:
+        directory(f"{RESULTS}/{CALIB}/stats"),
+    params:
+        model=model_source(),
+        family=CFG.model.family,
+        dtype=CFG.model.dtype,
+        version=STAGE_VERSIONS["activation_stats"],
+    log:
+        f"{RESULTS}/logs/{CALIB}/stats.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{CALIB}/stats.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=16000,
+    shell:
+        "{QSVD} --threads {threads} stats --model {params.model} --family {params.family}"
+        " --data {input.data} --dtype {params.dtype} --out {output} 2> {log}"
+
+
+rule decompose:
+    input:
+        model_input,
+        stats=rules.activation_stats.output[0],
+    output:
+        directory(f"{SVD}/decomposition"),
+    params:
+        model=model_source(),
+        family=CFG.model.family,
+        scaling=CFG.svd.scaling,
+        alpha=CFG.svd.alpha,
+        version=STAGE_VERSIONS["decompose"],
+    log:
+        f"{SVD}/logs/decompose.log",
+    benchmark:
+        f"{SVD}/benchmarks/decompose.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=16000,
+    shell:
+        "{QSVD} --threads {threads} decompose --model {params.model} --family {params.family}"
+        " --stats {input.stats} --scaling {params.scaling} --alpha {params.alpha} --out {output} 2> {log}"
+
+
+rule importance:
+    input:
+        model_input,
+        decomposition=rules.decompose.output[0],
+        data=f"results/data/{CFG.calibration.key}",
+    output:
+        directory(f"{SVD}/importance"),
+    params:
+        model=model_source(),
+        family=CFG.model.family,
+        version=STAGE_VERSIONS["importance"],
+    log:
+        f"{SVD}/logs/importance.log",
+    benchmark:
+        f"{SVD}/benchmarks/importance.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=16000,
+    shell:
+        "{QSVD} --threads {threads} importance --model {params.model} --family {params.family}"
+        " --decomposition {input.decomposition} --data {input.data} --out {output} 2> {log}"
+
+
+rule rank_plan:
+    input:
+        decomposition=rules.decompose.output[0],
+        importance=rules.importance.output[0] if CFG.rank.allocation == "importance" else [],
+    output:
+        f"{SVD}/rank~{{rank}}/plan.json",
+    params:
+        importance=(
+            f"--importance {rules.importance.output[0]}" if CFG.rank.allocation == "importance" else ""
+        ),
+        allocation=CFG.rank.allocation,
+        budget_kind=CFG.rank.budget_kind,
+        budget=budget_of,
+        r_min=CFG.rank.r_min,
+        version=STAGE_VERSIONS["rank_plan"],
+    log:
+        f"{SVD}/logs/rank~{{rank}}/plan.log",
+    benchmark:
+        f"{SVD}/benchmarks/rank~{{rank}}/plan.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "{QSVD} rank-plan --decomposition {input.decomposition} {params.importance}"
+        " --allocation {params.allocation} --budget-kind {params.budget_kind} --budget {params.budget}"
+        " --r-min {params.r_min} --out {output} 2> {log}"
+
+
+rule lowrank_model:
+    input:
+        model_input,
+        decomposition=rules.decompose.output[0],
+        plan=rules.rank_plan.output[0],
+    output:
+        directory(f"{SVD}/rank~{{rank}}/{FACTORS}/model"),
+    params:
+        model=model_source(),
+        family=CFG.model.family,
+        beta=CFG.factors.beta,
+        version=STAGE_VERSIONS["lowrank_model"],
+    log:
+        f"{SVD}/logs/rank~{{rank}}/{FACTORS}/lowrank_model.log",
+    benchmark:
+        f"{SVD}/benchmarks/rank~{{rank}}/{FACTORS}/lowrank_model.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=16000,
+    shell:
+        "{QSVD} --threads {threads} lowrank-model --model {params.model} --family {params.family}"
+        " --decomposition {input.decomposition} --plan {input.plan} --beta {params.beta}"
+        " --out {output} 2> {log}"

@@ -1,0 +1,15 @@
+rule materialise_dataset:
+    output:
+        directory("results/data/{dataset}"),
+    params:
+        args=dataset_args,
+        version=STAGE_VERSIONS["data"],
+    log:
+        "results/logs/data/{dataset}.log",
+    benchmark:
+        "results/benchmarks/data/{dataset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "{QSVD} data {params.args} --out {output} 2> {log}"
