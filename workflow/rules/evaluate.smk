@@ -34,7 +34,7 @@ rule evaluate_lowrank:
         family=CFG.model.family,
         dtype=CFG.model.dtype,
         max_new_tokens=CFG.evaluation.max_new_tokens,
-        labels=lambda wildcards: eval_labels(f"qsvd" if CFG.rank.allocation == "importance" else "joint-uniform", wildcards.rank),
+        labels=lambda wildcards: eval_labels("qsvd" if CFG.rank.allocation == "importance" else "joint-uniform", wildcards.rank),
         version=STAGE_VERSIONS["evaluate"],
     log:
         f"{SVD}/logs/rank~{{rank}}/{FACTORS}/eval/{{dataset}}.log",

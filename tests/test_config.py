@@ -1,0 +1,92 @@
+import copy
+import dataclasses
+import typing
+
+import pytest
+import yaml
+
+from qsvd.config import SCHEMA_PATH, ConfigError, QsvdConfig, load_config
+
+pytestmark = pytest.mark.unit
+
+BASE = {
+    "model": {"name": "demo", "source": "demo", "family": "llava"},
+    "calibration": {"dataset": "easy-vqa", "split": "train", "num_samples": 8},
+    "evaluation": {"tasks": [{"dataset": "easy-vqa", "split": "test", "num_samples": 10}]},
+    "svd": {},
+    "rank": {"budgets": [0.8, 0.5]},
+    "factors": {},
+}
+
+
+def _with(path, value):
+    data = copy.deepcopy(BASE)
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+def _schema_node(schema, node):
+    return schema["$defs"][node["$ref"].split("/")[-1]] if "$ref" in node else node
+
+
+def test_schema_and_dataclasses_agree_on_keys_and_defaults():
+    """The JSON schema and the typed view are one source of truth: same keys, same defaults."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+
+    def check(cls, node):
+        node = _schema_node(schema, node)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(fields) == set(node["properties"]), cls.__name__
+        hints = typing.get_type_hints(cls)
+        for name, f in fields.items():
+            prop = _schema_node(schema, node["properties"][name])
+            if f.default is not dataclasses.MISSING:
+                assert prop.get("default") == f.default, f"{cls.__name__}.{name}"
+            if dataclasses.is_dataclass(hints[name]):
+                check(hints[name], prop)
+            if typing.get_origin(hints[name]) is tuple and dataclasses.is_dataclass(typing.get_args(hints[name])[0]):
+                check(typing.get_args(hints[name])[0], prop["items"])
+
+    check(QsvdConfig, schema)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "config").glob("*.yaml")):
+        load_config(yaml.safe_load(path.read_text()))
+
+
+def test_defaults_and_cache_keys():
+    config = load_config(copy.deepcopy(BASE))
+    assert config.svd.key == "abs_mean-a0.5"
+    assert config.calibration.key == "easy-vqa-train-n8-s0"
+    assert config.rank.key(0.8) == "importance-R10.8-min1"
+    assert config.factors.key == "beta0.2"
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (["svd", "alhpa"], 0.5, r"svd.*alhpa"),
+        (["model", "family"], "gpt", r"model.family"),
+        (["rank", "budgets"], [0.8, 2.0], r"rank.budgets.1"),
+        (["rank", "budgets"], [-0.1], r"rank.budgets.0"),
+        (["factors", "beta"], 1.5, r"factors.beta"),
+        (["model", "source"], "/no/such/model", r"model.source.*does not exist"),
+        (["calibration", "local_dir"], "/no/such/data", r"calibration.local_dir.*does not exist"),
+    ],
+)
+def test_bad_values_name_the_key(path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_with(path, value))
+
+
+def test_r2_budget_above_one_is_out_of_range():
+    data = _with(["rank", "budget_kind"], "R2")
+    data["rank"]["budgets"] = [1.2]
+    with pytest.raises(ConfigError, match=r"rank.budgets\[0\].*R2"):
+        load_config(data)
