@@ -1,12 +1,15 @@
 import json
 from pathlib import Path
 
-from qsvd.config import ConfigError, load_config
+from qsvd.config import ConfigError, load_config, looks_like_path
+from qsvd.models.hub import HubUnreachableError, check_hub_model
 from qsvd.stages import STAGE_VERSIONS
 
 try:
     CFG = load_config(config)
-except ConfigError as error:
+    if not CFG.model.is_demo and not looks_like_path(CFG.model.source):
+        check_hub_model(CFG.model.source)
+except (ConfigError, HubUnreachableError) as error:
     raise WorkflowError(f"invalid configuration: {error}") from None
 
 REPO = Path(workflow.basedir).parent
