@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,23 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _atomic_write(path: Path, write) -> None:
+@contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it replaces `out_dir`, on error it is removed."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write(path: Path, write) -> None:
     """Write through `write(tmp_path)` then rename, so readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +87,7 @@ def write_json(path: str | Path, data: Any) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def _json_default(value: Any) -> Any:
@@ -91,7 +110,7 @@ def read_json(path: str | Path) -> Any:
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors atomically (contiguous, CPU)."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from qsvd.artefacts import _atomic_write, read_json
+from qsvd.artefacts import atomic_write, read_json
 
 SAMPLES = "samples.jsonl"
+OPTION_LETTERS = "ABCDEFGHIJ"  # multiple-choice options are lettered A, B, C, ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def write_records(directory: str | Path, records: list[Record]) -> Path:
     """Write `samples.jsonl` atomically (images must already be in place)."""
     path = Path(directory) / SAMPLES
     lines = "".join(json.dumps(asdict(r)) + "\n" for r in records)
-    _atomic_write(path, lambda tmp: tmp.write_text(lines))
+    atomic_write(path, lambda tmp: tmp.write_text(lines))
     return path
 
 

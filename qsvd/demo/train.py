@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from qsvd.artefacts import provenance, write_json
+from qsvd.artefacts import atomic_directory, provenance, write_json
 from qsvd.data.easy_vqa import easy_vqa_records
 from qsvd.data.records import Record
 from qsvd.demo.build import DemoSizes, build_demo_model, build_demo_processor
@@ -231,15 +228,7 @@ def train_demo_model(out_dir: Path, seed: int = 0, max_minutes: float = 5.0, **r
 
 
 def _save(model, processor, summary: dict, out_dir: Path) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(tmp / "training_summary.json", summary)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -8,8 +8,6 @@ low-rank shells of the recorded ranks, then loads the tensors.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import transformers
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from qsvd.artefacts import MANIFEST, read_json, write_json
+from qsvd.artefacts import MANIFEST, atomic_directory, read_json, write_json
 from qsvd.models.registry import family_by_name
 from qsvd.models.surgery import install_lowrank_shells
 
@@ -28,23 +26,14 @@ LOWRANK_STAGE = "lowrank_model"
 
 def save_lowrank_checkpoint(model: nn.Module, processor: Any, out_dir: str | Path, manifest: dict) -> Path:
     """Write the checkpoint into a temporary sibling directory, then rename it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS))
         write_json(tmp / MANIFEST, {**manifest, "model_class": type(model).__name__, "weights": WEIGHTS})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def is_lowrank_checkpoint(path: str | Path) -> bool:

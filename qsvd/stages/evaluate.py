@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qsvd.artefacts import _atomic_write, provenance, write_json
+from qsvd.artefacts import atomic_write, provenance, write_json
 from qsvd.data.records import read_records
 from qsvd.evaluation.answers import score_prediction
 from qsvd.models.checkpoint import is_lowrank_checkpoint, load_lowrank_checkpoint, open_model
@@ -65,6 +65,6 @@ def run_evaluate(
         predictions=Path(out_path).with_suffix(".predictions.jsonl").name,
     )
     lines = "".join(json.dumps(p) + "\n" for p in predictions)
-    _atomic_write(Path(out_path).with_suffix(".predictions.jsonl"), lambda tmp: tmp.write_text(lines))
+    atomic_write(Path(out_path).with_suffix(".predictions.jsonl"), lambda tmp: tmp.write_text(lines))
     write_json(out_path, result)
     return Path(out_path)
