@@ -1,113 +1,192 @@
-"""Stage 1: materialise a seeded subset of a dataset into results/data/<key>/ (format: qsvd.data.records).
+"""Stage 1 (data): materialise a seeded subset of a dataset into one directory (format: qsvd.data.records).
 
-Sources: `easy-vqa` (the PyPI package), `scienceqa-img` (hub `derek-thomas/ScienceQA`, only the
-questions with an image) and `vizwiz` (hub `lmms-lab/VizWiz-VQA`; its val split has the 10 human
-answers). `local_dir` replaces the hub: a directory written by `datasets` `save_to_disk` (a Dataset,
-or a DatasetDict holding the split) with the hub dataset's columns — ScienceQA: image, question,
-choices, answer (index), hint; VizWiz: question_id, image, question, answers (10 strings).
+Datasets: `easy-vqa` (the PyPI package, splits train/test), `scienceqa-img` (hub
+`derek-thomas/ScienceQA`, only the questions that have an image) and `vizwiz` (hub
+`lmms-lab/VizWiz-VQA`, split val: ten human answers per question).
+
+`local_dir` replaces the hub for the hub datasets. Accepted layouts, with the hub dataset's columns
+(ScienceQA: image, question, choices, answer (int index), hint; VizWiz: question_id, image,
+question, answers (list of strings)):
+- a `datasets` `save_to_disk` directory (it holds `dataset_dict.json` or `state.json`): a
+  DatasetDict must hold the requested split; a single Dataset is taken as that split;
+- anything `datasets.load_dataset(local_dir, split=split)` reads, e.g. a snapshot of the hub
+  repository (`huggingface-cli download <hub id> --repo-type dataset --local-dir DIR`), i.e.
+  parquet files named by split: `DIR/data/<split>-00000-of-00001.parquet`.
+
+The directory is built in a temporary sibling and renamed into place, so `out_dir` is complete or absent.
 """
 
 from __future__ import annotations
 
-import collections
+import logging
+import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from qsvd.artefacts import atomic_directory, provenance, write_json
+from qsvd.data import scienceqa, vizwiz
 from qsvd.data.easy_vqa import easy_vqa_records
-from qsvd.data.records import OPTION_LETTERS, Record, write_records
+from qsvd.data.records import Record, write_records
 
-HUB_IDS = {"scienceqa-img": "derek-thomas/ScienceQA", "vizwiz": "lmms-lab/VizWiz-VQA"}
-DATASETS = ("easy-vqa", *HUB_IDS)
+log = logging.getLogger(__name__)
 
-
-def _hub_split(dataset: str, split: str, local_dir: Path | None):
-    import datasets
-
-    if local_dir is not None:
-        if not local_dir.exists():
-            raise FileNotFoundError(f"local_dir {local_dir} does not exist; give a directory written by datasets' save_to_disk")
-        loaded = datasets.load_from_disk(str(local_dir))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{local_dir} has splits {sorted(loaded)}, not {split!r}")
-            loaded = loaded[split]
-        return loaded
-    hub_id = HUB_IDS[dataset]
-    try:
-        return datasets.load_dataset(hub_id, split=split)
-    except Exception as error:  # offline, unknown split, gated: all end here with one advice
-        raise RuntimeError(
-            f"cannot load {hub_id} split {split!r} from the Hugging Face hub ({type(error).__name__}: {error}); "
-            "the hub may be unreachable (HF_DATASETS_OFFLINE / no network): set local_dir to a local copy"
-        ) from error
+IMAGES = "images"
 
 
-def scienceqa_question(question: str, choices: list[str], hint: str | None) -> str:
-    """Context, question and lettered options, in the LLaVA ScienceQA prompt format."""
-    context = f"Context: {hint.strip()}\n" if hint and hint.strip() else ""
-    options = "\n".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    return f"{context}{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+@dataclass(frozen=True)
+class HubSource:
+    """A hub dataset: its id, how a row becomes a Record, and which rows to keep (None = all)."""
+
+    hub_id: str
+    to_record: Callable[[dict, int, str, str], Record]
+    keep_column: str | None = None  # keep only rows where this column is present
 
 
-def _hub_records(dataset: str, rows, indices: list[int], images_dir: Path) -> list[Record]:
-    records = []
-    for i in indices:
-        row = rows[i]
-        image_name = f"{i}.png"
-        row["image"].convert("RGB").save(images_dir / image_name)
-        if dataset == "scienceqa-img":
-            records.append(
-                Record(id=str(i), task=dataset, question=scienceqa_question(row["question"], row["choices"], row.get("hint")),
-                       answer=OPTION_LETTERS[row["answer"]], answers=[OPTION_LETTERS[row["answer"]]], choices=list(row["choices"]), image=image_name)
-            )
+HUB_SOURCES = {
+    scienceqa.TASK: HubSource(scienceqa.HUB_ID, scienceqa.scienceqa_record, keep_column="image"),
+    vizwiz.TASK: HubSource(vizwiz.HUB_ID, vizwiz.vizwiz_record),
+}
+DATASETS = ("easy-vqa", *HUB_SOURCES)
+
+
+def materialise_dataset(
+    dataset: str, split: str, num_samples: int | None, seed: int, out_dir: Path, local_dir: Path | None = None
+) -> dict:
+    """Write images/, samples.jsonl and manifest.json into `out_dir`; return the manifest."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r} (key: dataset); known datasets: {', '.join(DATASETS)}")
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1 (key: num_samples; null = all samples)")
+    out_dir, local_dir = Path(out_dir), Path(local_dir) if local_dir is not None else None
+    if local_dir is not None and dataset == "easy-vqa":
+        raise ValueError("easy-vqa is read from its PyPI package: set local_dir to null (key: local_dir)")
+    if local_dir is not None and not local_dir.exists():
+        raise FileNotFoundError(f"local_dir {local_dir} does not exist (key: local_dir): give a local copy of the dataset or null for the hub")
+    _remove_stale_temporaries(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / IMAGES).mkdir()
+        if dataset == "easy-vqa":
+            records, available, source = _easy_vqa(split, num_samples, seed, tmp)
         else:
-            answers = [a if isinstance(a, str) else a["answer"] for a in row["answers"]]
-            most_common = collections.Counter(answers).most_common(1)[0][0]
-            question = f"{row['question']}\nWhen the provided information is insufficient, respond with 'Unanswerable'. Answer the question using a single word or phrase."
-            records.append(Record(id=str(row.get("question_id", i)), task=dataset, question=question,
-                                  answer=most_common, answers=answers, image=image_name))
-    return records
+            records, available, source = _hub_dataset(HUB_SOURCES[dataset], split, num_samples, seed, local_dir, tmp)
+        write_records(tmp, records)
+        config = {"dataset": dataset, "split": split, "num_samples": num_samples, "seed": seed,
+                  "local_dir": str(local_dir) if local_dir is not None else None}
+        manifest = provenance("data", config, seed)
+        manifest.update(task=dataset, source=source, available=available, samples=len(records),
+                        images=len({r.image for r in records}))
+        write_json(tmp / "manifest.json", manifest)
+    log.info("materialised %d of %d %s %s samples into %s", len(records), available, dataset, split, out_dir)
+    return manifest
 
 
-def _subset(count: int, num_samples: int | None, seed: int, where: str) -> list[int]:
+def seeded_subset(count: int, num_samples: int | None, seed: int, where: str) -> list[int]:
+    """Sorted indices of `num_samples` of `count` items drawn with a torch.Generator seeded by `seed`; None = all."""
     if num_samples is None:
         return list(range(count))
     if num_samples > count:
-        raise ValueError(f"{where}: num_samples={num_samples} but only {count} samples exist; lower num_samples or use null for all")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return sorted(order.tolist())
+        raise ValueError(f"{where}: num_samples={num_samples} but only {count} samples exist (key: num_samples): lower it or use null for all")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:num_samples].tolist())
 
 
-def materialise_dataset(dataset: str, split: str, num_samples: int | None, seed: int, out_dir: Path, local_dir: Path | None = None) -> dict:
-    """Write samples.jsonl, images/ and manifest.json into out_dir (built aside, then renamed)."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r} (key: dataset); known datasets: {list(DATASETS)}")
-    with atomic_directory(out_dir) as tmp:
-        images_dir = tmp / "images"
-        images_dir.mkdir()
-        where = f"{dataset} {split}"
-        if dataset == "easy-vqa":
-            all_records, image_paths = easy_vqa_records(split)
-            records = [all_records[i] for i in _subset(len(all_records), num_samples, seed, where)]
-            for name in sorted({r.image for r in records}):
-                shutil.copyfile(image_paths[int(name.split(".")[0])], images_dir / name)
-            available = len(all_records)
-        else:
-            rows = _hub_split(dataset, split, Path(local_dir) if local_dir else None)
-            if dataset == "scienceqa-img":
-                with_image = [i for i, image in enumerate(rows["image"]) if image is not None]
-                rows = rows.select(with_image)
-            available = len(rows)
-            records = _hub_records(dataset, rows, _subset(available, num_samples, seed, where), images_dir)
-        write_records(tmp, records)
-        manifest = provenance(
-            "data",
-            {"dataset": dataset, "split": split, "num_samples": num_samples, "seed": seed, "local_dir": str(local_dir) if local_dir else None},
-            seed,
-        )
-        manifest.update(source=str(local_dir) if local_dir else HUB_IDS.get(dataset, "easy-vqa (PyPI)"), available=available, samples=len(records))
-        write_json(tmp / "manifest.json", manifest)
-    return manifest
+def _easy_vqa(split: str, num_samples: int | None, seed: int, tmp: Path) -> tuple[list[Record], int, str]:
+    all_records, image_paths = easy_vqa_records(split)
+    chosen = [all_records[i] for i in seeded_subset(len(all_records), num_samples, seed, f"easy-vqa {split}")]
+    records = [replace(r, image=f"{IMAGES}/{r.image}") for r in chosen]
+    for name in sorted({r.image for r in chosen}):
+        shutil.copyfile(image_paths[int(Path(name).stem)], tmp / IMAGES / name)  # the package ships PNGs
+    return records, len(all_records), "easy-vqa (PyPI package)"
+
+
+def _hub_dataset(
+    source: HubSource, split: str, num_samples: int | None, seed: int, local_dir: Path | None, tmp: Path
+) -> tuple[list[Record], int, str]:
+    cache = tmp / ".datasets-cache"  # arrow files of a local directory: removed before the rename
+    try:
+        rows = _local_split(local_dir, split, cache) if local_dir is not None else _hub_split(source.hub_id, split)
+        indices = list(range(len(rows))) if source.keep_column is None else _rows_with(rows, source.keep_column)
+        chosen = [indices[i] for i in seeded_subset(len(indices), num_samples, seed, f"{source.hub_id} {split}")]
+        records = []
+        for index, row in zip(chosen, tqdm(rows.select(chosen), desc=f"images of {source.hub_id} {split}")):
+            image = f"{IMAGES}/{index}.png"
+            _save_png(row["image"], tmp / image)
+            records.append(source.to_record(row, index, split, image))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return records, len(indices), str(local_dir) if local_dir is not None else f"hub:{source.hub_id}"
+
+
+def _hub_split(hub_id: str, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub_id, split=split)
+    except (ConnectionError, TimeoutError) as error:
+        raise RuntimeError(
+            f"cannot reach the Hugging Face hub for dataset {hub_id} ({error}): the hub is offline or unreachable "
+            "(check the network and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), or set local_dir to a local copy "
+            "(see qsvd/data/materialise.py for the accepted layouts)"
+        ) from error
+    except ValueError as error:
+        raise ValueError(f"{hub_id}: cannot load split {split!r} (key: split): {error}") from error
+
+
+def _local_split(local_dir: Path, split: str, cache: Path):
+    import datasets
+
+    if (local_dir / "dataset_dict.json").is_file() or (local_dir / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(local_dir))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{local_dir} has splits {sorted(loaded)}, not {split!r} (key: split)")
+            return loaded[split]
+        return loaded
+    try:
+        return datasets.load_dataset(str(local_dir), split=split, cache_dir=str(cache))
+    except ValueError as error:
+        raise ValueError(f"{local_dir}: cannot load split {split!r} (key: split): {error}") from error
+
+
+def _rows_with(rows, column: str) -> list[int]:
+    """Indices of the rows whose `column` is present, read from arrow without decoding images."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column not in rows.column_names:
+        raise ValueError(f"the dataset has no {column!r} column (columns: {rows.column_names})")
+    values = rows.with_format("arrow")[column]
+    present = pc.is_valid(values)
+    if pa.types.is_struct(values.type) and {"bytes", "path"} <= {f.name for f in values.type}:
+        stored = pc.or_(pc.is_valid(pc.struct_field(values, "bytes")), pc.is_valid(pc.struct_field(values, "path")))
+        present = pc.and_(present, stored)
+    return [i for i, keep in enumerate(present.to_pylist()) if keep]
+
+
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
+
+
+def _save_png(image: Any, path: Path) -> None:
+    """Save losslessly as PNG, keeping the mode when PNG can store it (alpha included)."""
+    if image is None:
+        raise ValueError(f"no image for {path.name}")
+    if image.mode not in _PNG_MODES:
+        image = image.convert("RGB")
+    image.save(path, format="PNG")
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove build directories that an interrupted earlier run of this same output left behind."""
+    if not out_dir.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.[a-z0-9_]{{8}}")  # tempfile.mkdtemp's names
+    for stale in out_dir.parent.iterdir():
+        if stale.is_dir() and pattern.fullmatch(stale.name):
+            log.warning("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale)

@@ -1,65 +1,139 @@
-"""Build the demo VLM: a LLaVA (CLIP-style vision tower, MLP projector, Llama LM with multi-head attention)."""
+"""Build the demo VLM: a word-level tokenizer, a LLaVA processor and a small LLaVA from config objects.
+
+The vision tower is a CLIP vision transformer on 64x64 images, the projector LLaVA's two-layer MLP,
+and the language model a Llama with multi-head attention (as many KV heads as query heads).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from qsvd.data.records import Record
-from qsvd.demo.tokenizer import build_word_tokenizer
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
+# LLaVA-1.5's conversation format, one image item -> one <image> placeholder the processor expands:
+# "<s> USER: <image> what color is the shape? ASSISTANT:" (the answer follows after a space).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %} USER: {% else %} ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image> "
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+TEMPLATE_TEXT = "USER: ASSISTANT:"  # the words the template writes, trained into the vocabulary
+IMAGE_SIZE = 64  # easy-vqa images are 64x64: no resize, no crop
+PATCH_SIZE = 8
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
 class DemoSizes:
-    image_size: int = 64
-    patch_size: int = 16
-    vision_hidden: int = 96
-    vision_layers: int = 3
+    """Widths and depths of the demo LLaVA (the patch size comes from the processor)."""
+
+    vision_hidden: int = 64
+    vision_intermediate: int = 256
+    vision_layers: int = 2
     vision_heads: int = 4
     text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4  # as many KV heads as query heads: multi-head attention
     text_intermediate: int = 256
+    text_layers: int = 2
+    text_heads: int = 4  # num_key_value_heads is the same: multi-head attention
+
+    @classmethod
+    def from_overrides(cls, **overrides: int) -> DemoSizes:
+        """Defaults with `overrides` applied; an unknown key is an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown demo model size {unknown[0]!r}; known sizes: {sorted(known)}")
+        return cls(**overrides)
 
 
-def build_demo_processor(records: list[Record], sizes: DemoSizes = DemoSizes()) -> LlavaProcessor:
-    """Word-level tokenizer trained on the records' questions and answers, and a CLIP image processor."""
-    tokenizer = build_word_tokenizer(f"{r.question} {r.answer}" for r in records)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": sizes.image_size},
-        crop_size={"height": sizes.image_size, "width": sizes.image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on `texts`: lower-cased words, punctuation split off."""
+    core = Tokenizer(models.WordLevel(unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, " ?" -> "?"
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1, show_progress=False)
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        chat_template=CHAT_TEMPLATE,
     )
+
+
+def build_demo_processor(records: list[Record], patch_size: int = PATCH_SIZE) -> LlavaProcessor:
+    """LLaVA processor: a tokenizer trained on the records' questions and answers, a 64x64 CLIP image processor."""
+    if not records:
+        raise ValueError("build_demo_processor needs the training records to train its tokenizer; got none")
+    tokenizer = build_word_tokenizer([TEMPLATE_TEXT] + [f"{r.question} {r.answer}" for r in records])
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    )
+    # "default" drops CLS: the model sees (64 / patch)^2 image tokens, as many as the processor writes.
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=sizes.patch_size,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
-def build_demo_model(processor: LlavaProcessor, seed: int, sizes: DemoSizes = DemoSizes()) -> LlavaForConditionalGeneration:
-    """A randomly initialised demo LLaVA matching `processor` (seeded)."""
+def image_token_count(processor: LlavaProcessor) -> int:
+    """How many <image> tokens the processor writes per image (and the model expects)."""
+    crop = processor.image_processor.crop_size
+    patches = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
+    return patches + processor.num_additional_image_tokens - dropped
+
+
+def build_demo_model(processor: LlavaProcessor, seed: int, **sizes: int) -> LlavaForConditionalGeneration:
+    """A randomly initialised demo LLaVA matching `processor` (image size, patch size, vocabulary), seeded."""
+    dims = DemoSizes.from_overrides(**sizes)
     tokenizer = processor.tokenizer
+    crop = processor.image_processor.crop_size
     vision = CLIPVisionConfig(
-        hidden_size=sizes.vision_hidden,
-        intermediate_size=4 * sizes.vision_hidden,
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=sizes.vision_heads,
-        image_size=sizes.image_size,
-        patch_size=sizes.patch_size,
+        hidden_size=dims.vision_hidden,
+        intermediate_size=dims.vision_intermediate,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.vision_heads,
+        image_size=crop["height"],
+        patch_size=processor.patch_size,
     )
     text = LlamaConfig(
-        hidden_size=sizes.text_hidden,
-        intermediate_size=sizes.text_intermediate,
-        num_hidden_layers=sizes.text_layers,
-        num_attention_heads=sizes.text_heads,
-        num_key_value_heads=sizes.text_heads,
+        hidden_size=dims.text_hidden,
+        intermediate_size=dims.text_intermediate,
+        num_hidden_layers=dims.text_layers,
+        num_attention_heads=dims.text_heads,
+        num_key_value_heads=dims.text_heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
@@ -70,13 +144,14 @@ def build_demo_model(processor: LlavaProcessor, seed: int, sizes: DemoSizes = De
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
         vision_feature_layer=-1,
     )
-    config.qsvd_demo_sizes = asdict(sizes)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG: seed it, then restore
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()

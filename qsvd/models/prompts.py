@@ -1,4 +1,9 @@
-"""One prompt path for every family: the processor's own chat template, image first, then the question."""
+"""One prompt path for every family: the processor's own chat template, image first, then the question.
+
+Multimodal families get a processor (tokenizer + image processor), text-only families a tokenizer.
+Family quirks are data of the processor (LLaVA-NeXT's `image_sizes`, SmolVLM's image splitting
+and `pixel_attention_mask`): whatever the processor returns is passed on unchanged.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ PLAIN_TEXT_PROMPT = "Question: {question}\nAnswer:"
 
 
 def tokenizer_of(processor: Any) -> Any:
+    """The tokenizer inside a processor (a tokenizer is its own)."""
     return getattr(processor, "tokenizer", processor)
 
 
@@ -22,42 +28,89 @@ def chat_prompt(processor: Any, family: ModelFamily, question: str) -> str:
     """The model's prompt text for one user turn, ending where the assistant's answer starts."""
     if family.multimodal:
         content = [{"type": "image"}, {"type": "text", "text": question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
     tokenizer = tokenizer_of(processor)
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
     return PLAIN_TEXT_PROMPT.format(question=question)
+
+
+def _template_adds_bos(tokenizer: Any, text: str) -> bool:
+    return tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
 
 
 def encode_prompt(processor: Any, family: ModelFamily, question: str, image: Image | None) -> BatchFeature:
     """A batch of one prompt, ready for `model(**batch)` or `model.generate(**batch)`."""
     text = chat_prompt(processor, family, question)
-    if family.multimodal:
-        if image is None:
-            raise ValueError(f"family {family.name!r} needs an image for every sample")
-        return processor(text=text, images=[image], return_tensors="pt")
     tokenizer = tokenizer_of(processor)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+    if not family.multimodal:
+        if image is not None:
+            raise ValueError(f"family {family.name!r} is text-only: give no image")
+        # A tokenizer's chat template writes its own special tokens; the plain prompt gets the tokenizer's.
+        add_special_tokens = not tokenizer.chat_template
+        return BatchFeature(dict(tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)))
+    if image is None:
+        raise ValueError(f"family {family.name!r} needs an image for every prompt")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    # As the processor's own apply_chat_template(tokenize=True): no second BOS when the template wrote one.
+    return processor(
+        text=text, images=[image], return_tensors="pt", add_special_tokens=not _template_adds_bos(tokenizer, text)
+    )
 
 
-def encode_with_answer(processor: Any, family: ModelFamily, question: str, answer: str, image: Image | None) -> BatchFeature:
-    """Prompt + answer + eos, with `labels` = -100 on every prompt token (unshifted: the model shifts)."""
-    batch = encode_prompt(processor, family, question, image)
+def answer_token_ids(tokenizer: Any, prompt_text: str, answer: str) -> list[int]:
+    """Token ids of `answer` as the model would write it right after `prompt_text`.
+
+    A space separates it from the prompt unless the prompt ends in whitespace (ChatML's
+    "assistant\\n"). The ids are the tail of tokenizing prompt + answer, so SentencePiece-style
+    tokenizers get "▁red", not "▁▁red"; if that tail is not a clean continuation, the answer is
+    tokenized alone.
+    """
+    answer = answer.strip()
+    if not answer:
+        raise ValueError("the answer is empty; every calibration sample needs a non-empty answer")
+    joined = ("" if prompt_text[-1:].isspace() else " ") + answer
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt_text + joined, add_special_tokens=False)["input_ids"]
+    if len(full_ids) > len(prompt_ids) and full_ids[: len(prompt_ids)] == prompt_ids:
+        return full_ids[len(prompt_ids) :]
+    return tokenizer(joined, add_special_tokens=False)["input_ids"]
+
+
+def encode_with_answer(
+    processor: Any, family: ModelFamily, question: str, answer: str, image: Image | None
+) -> BatchFeature:
+    """Prompt + answer + eos, with `labels`: -100 on every prompt token, the answer and eos after.
+
+    Labels are unshifted: the model shifts them once itself. Every per-token tensor the processor
+    returns (attention_mask, token_type_ids, ...) is extended over the answer; image tensors are
+    passed on unchanged.
+    """
     tokenizer = tokenizer_of(processor)
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token")
-    answer_ids = torch.tensor([answer_ids + [tokenizer.eos_token_id]])
+        raise ValueError(f"the tokenizer of family {family.name!r} has no eos token; set tokenizer.eos_token")
+    batch = encode_prompt(processor, family, question, image)
+    ids = answer_token_ids(tokenizer, chat_prompt(processor, family, question), answer) + [tokenizer.eos_token_id]
     prompt_ids = batch["input_ids"]
+    answer_ids = torch.tensor([ids], dtype=prompt_ids.dtype)
     for key, value in list(batch.items()):
-        if isinstance(value, torch.Tensor) and value.shape == prompt_ids.shape and key != "input_ids":
+        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape == prompt_ids.shape:
             fill = 1 if key == "attention_mask" else 0
-            batch[key] = torch.cat([value, torch.full_like(answer_ids, fill, dtype=value.dtype)], dim=1)
+            batch[key] = torch.cat([value, torch.full(answer_ids.shape, fill, dtype=value.dtype)], dim=1)
     batch["input_ids"] = torch.cat([prompt_ids, answer_ids], dim=1)
     batch["labels"] = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids], dim=1)
     return batch
 
 
 def decode_generated(processor: Any, generated_ids: torch.Tensor, prompt_length: int) -> str:
-    """The new tokens of a generated sequence as text, special tokens dropped."""
-    return tokenizer_of(processor).decode(generated_ids[0, prompt_length:], skip_special_tokens=True).strip()
+    """The new tokens of a generated sequence (batch of one) as text, special tokens dropped."""
+    if generated_ids.dim() == 2:
+        if generated_ids.shape[0] != 1:
+            raise ValueError(f"decode_generated takes a batch of one sequence, got {generated_ids.shape[0]}")
+        generated_ids = generated_ids[0]
+    return tokenizer_of(processor).decode(generated_ids[prompt_length:], skip_special_tokens=True).strip()

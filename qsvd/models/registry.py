@@ -9,21 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    name: str
-    model_classes: tuple[str, ...]
-    decoder_layers: str  # dotted path from the top-level model to the LM decoder-layer ModuleList
-    attention: str = "self_attn"
-    q_proj: str = "q_proj"
+    """Where one family keeps its parts; every path is a dotted attribute path."""
+
+    name: str  # the value of the config key model.family
+    model_classes: tuple[str, ...]  # transformers class names this family covers
+    decoder_layers: str  # from the top-level model to the LM decoder-layer ModuleList
+    attention: str = "self_attn"  # attribute of a decoder layer
+    q_proj: str = "q_proj"  # attributes of the attention module
     k_proj: str = "k_proj"
     v_proj: str = "v_proj"
     o_proj: str = "o_proj"
-    vision_layers: str | None = None
-    projector: str | None = None
-    multimodal: bool = True
+    vision_layers: str | None = None  # from the top-level model to the vision encoder layers ModuleList
+    projector: str | None = None  # from the top-level model to the vision->LM projector
+    multimodal: bool = True  # False: text-only, the processor is a tokenizer and prompts carry no image
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -59,52 +62,134 @@ FAMILIES: dict[str, ModelFamily] = {
     )
 }
 
-_HOW_TO_ADD = "add a ModelFamily entry in qsvd/models/registry.py"
+_HOW_TO_ADD = "add a ModelFamily entry in qsvd/models/registry.py (and its name to the model.family enum of the schema)"
+PROJECTIONS = ("q", "k", "v")
 
 
 def family_by_name(name: str) -> ModelFamily:
+    """The family named by the config key model.family."""
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r} (model.family); known families: {sorted(FAMILIES)}")
+        raise ValueError(f"model.family: unknown model family {name!r}; known families: {sorted(FAMILIES)}")
     return FAMILIES[name]
 
 
+def supported_classes() -> list[str]:
+    return sorted(c for f in FAMILIES.values() for c in f.model_classes)
+
+
 def family_of_class(class_name: str) -> ModelFamily:
+    """The family covering the transformers class `class_name` (e.g. a config's architectures[0])."""
     for family in FAMILIES.values():
         if class_name in family.model_classes:
             return family
-    supported = sorted(c for f in FAMILIES.values() for c in f.model_classes)
-    raise ValueError(f"unsupported model class {class_name!r}; supported: {supported}; to support it, {_HOW_TO_ADD}")
+    raise ValueError(
+        f"unsupported model class {class_name!r}; supported classes: {supported_classes()}; "
+        f"to support it, {_HOW_TO_ADD}"
+    )
 
 
 def family_of(model: nn.Module) -> ModelFamily:
+    """The family of an instantiated model, by its class name."""
     return family_of_class(type(model).__name__)
 
 
-def _resolve(root: nn.Module, dotted: str) -> nn.Module:
+def _resolve(root: nn.Module, dotted: str, family: ModelFamily) -> nn.Module:
     module = root
     for part in dotted.split("."):
         if not hasattr(module, part):
-            raise AttributeError(f"{type(root).__name__} has no submodule {dotted!r}; the registry entry is wrong: {_HOW_TO_ADD}")
+            raise AttributeError(
+                f"{type(root).__name__} has no submodule {dotted!r} (missing {part!r}), which the registry entry of "
+                f"family {family.name!r} names; fix that entry or {_HOW_TO_ADD}"
+            )
         module = getattr(module, part)
     return module
 
 
+def _layer_list(model: nn.Module, dotted: str, family: ModelFamily) -> nn.ModuleList:
+    layers = _resolve(model, dotted, family)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}.{dotted} is a {type(layers).__name__}, not a ModuleList; "
+                        f"fix the registry entry of family {family.name!r}")
+    return layers
+
+
 def decoder_layers(model: nn.Module, family: ModelFamily) -> nn.ModuleList:
-    return _resolve(model, family.decoder_layers)
+    """The language model's decoder layers."""
+    return _layer_list(model, family.decoder_layers, family)
+
+
+def vision_layers(model: nn.Module, family: ModelFamily) -> nn.ModuleList:
+    """The vision encoder's layers (multimodal families only)."""
+    if family.vision_layers is None:
+        raise ValueError(f"family {family.name!r} has no vision encoder")
+    return _layer_list(model, family.vision_layers, family)
+
+
+def projector(model: nn.Module, family: ModelFamily) -> nn.Module:
+    """The vision-to-language projector (multimodal families only)."""
+    if family.projector is None:
+        raise ValueError(f"family {family.name!r} has no vision-to-language projector")
+    return _resolve(model, family.projector, family)
 
 
 def attention_of(layer: nn.Module, family: ModelFamily) -> nn.Module:
-    return _resolve(layer, family.attention)
+    """The attention module of one decoder layer."""
+    return _resolve(layer, family.attention, family)
+
+
+def _projection_name(family: ModelFamily, which: str) -> str:
+    names = {"q": family.q_proj, "k": family.k_proj, "v": family.v_proj, "o": family.o_proj}
+    if which not in names:
+        raise ValueError(f"projection {which!r} is not one of {sorted(names)}")
+    return names[which]
 
 
 def qkv_projections(layer: nn.Module, family: ModelFamily) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(q, k, v) projections of one decoder layer: nn.Linear, or their low-rank replacements."""
     attention = attention_of(layer, family)
-    return tuple(_resolve(attention, name) for name in (family.q_proj, family.k_proj, family.v_proj))
+    return tuple(_resolve(attention, _projection_name(family, which), family) for which in PROJECTIONS)
 
 
 def set_projection(layer: nn.Module, family: ModelFamily, which: str, module: nn.Module) -> None:
-    """Replace the q, k or v projection of a decoder layer's attention."""
-    names = {"q": family.q_proj, "k": family.k_proj, "v": family.v_proj}
-    if which not in names:
-        raise ValueError(f"projection {which!r} is not one of {sorted(names)}")
-    setattr(attention_of(layer, family), names[which], module)
+    """Replace the q, k or v projection of a decoder layer's attention by `module`."""
+    if which not in PROJECTIONS:
+        raise ValueError(f"projection {which!r} is not one of {list(PROJECTIONS)}")
+    attention = attention_of(layer, family)
+    name = _projection_name(family, which)
+    _resolve(attention, name, family)  # the slot must exist: never add a stray attribute
+    setattr(attention, name, module)
+
+
+def text_config(model: nn.Module) -> PretrainedConfig:
+    """The language model's config (the model's own config for text-only models)."""
+    return model.config.get_text_config()
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Sizes of one LM attention layer; q/k/v outputs are heads x head_dim."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_out: int
+    k_out: int
+    v_out: int
+
+
+def attention_shape(model: nn.Module) -> AttentionShape:
+    """The LM attention sizes from the text config (GQA: num_kv_heads < num_heads)."""
+    config = text_config(model)
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return AttentionShape(
+        hidden_size=config.hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        q_out=num_heads * head_dim,
+        k_out=num_kv_heads * head_dim,
+        v_out=num_kv_heads * head_dim,
+    )

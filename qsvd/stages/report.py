@@ -1,102 +1,160 @@
-"""Stage 9: one tidy CSV of every result, markdown tables (methods × budgets) and trade-off plots."""
+"""Stage 9 (report): one tidy CSV of every result, markdown tables (methods × budgets) and trade-off plots.
+
+Reads only the evaluate stage's result JSON files. Scores are in [0, 1] in the CSV and in percent
+in the tables and plots; R1 (parameter/FLOP share of QKV) and R2 (KV-cache share) likewise.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from qsvd.artefacts import atomic_write, read_json
+from qsvd.artefacts import atomic_write
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "method", "budget", "budget_kind", "budget_value", "R1", "R2", "seed", "task", "metric", "score", "num_samples", "quantization"]
+NUMERIC = ("R1", "R2", "score")
 UNCOMPRESSED = "uncompressed"
 
 
 def read_results(result_files: list[Path]) -> list[dict]:
-    """One row per result file, with exactly the report's columns."""
+    """One row per result file with exactly the report's columns, sorted for stable output."""
     if not result_files:
-        raise ValueError("no result files given to the report")
-    rows = []
-    for path in result_files:
-        result = read_json(path)
-        missing = [c for c in COLUMNS if c not in result]
-        if missing:
-            raise KeyError(f"{path} lacks the key {missing[0]!r}: re-run the evaluate stage that wrote it")
-        rows.append({c: result[c] for c in COLUMNS})
-    return sorted(rows, key=lambda r: (r["model"], r["task"], r["method"] != UNCOMPRESSED, r["method"], -r["R1"], r["seed"]))
+        raise ValueError("the report got no result files: give at least one evaluate stage output")
+    rows, origin = [], {}
+    for path in map(Path, result_files):
+        if not path.is_file():
+            raise FileNotFoundError(f"result file {path} does not exist: run the evaluate stage that writes it")
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"result file {path} is not valid JSON ({error}): re-run the evaluate stage that wrote it") from error
+        if not isinstance(result, dict):
+            raise ValueError(f"result file {path} holds a {type(result).__name__}, not a JSON object")
+        for key in COLUMNS:
+            if key not in result:
+                raise ValueError(f"result file {path} lacks the key {key!r}: re-run the evaluate stage that wrote it")
+        for key in NUMERIC:
+            if isinstance(result[key], bool) or not isinstance(result[key], (int, float)):
+                raise ValueError(f"result file {path}: {key!r} must be a number, got {result[key]!r}")
+        row = {key: result[key] for key in COLUMNS}
+        identity = tuple(str(row[k]) for k in ("model", "task", "method", "quantization", "budget", "seed"))
+        if identity in origin:
+            raise ValueError(f"result files {origin[identity]} and {path} are the same run (model, task, method, quantization, budget, seed)")
+        origin[identity] = path
+        rows.append(row)
+    return sorted(rows, key=_row_order)
 
 
-def _cell(rows: list[dict]) -> str:
-    scores = [100 * r["score"] for r in rows]
-    value = f"{scores[0]:.2f}" if len(scores) == 1 else f"{statistics.fmean(scores):.2f} ± {statistics.stdev(scores):.2f}"
-    return f"{value} ({100 * rows[0]['R1']:.1f}/{100 * rows[0]['R2']:.1f})"
+def _row_order(row: dict) -> tuple:
+    return (str(row["model"]), str(row["task"]), row["method"] != UNCOMPRESSED, str(row["method"]),
+            str(row["quantization"]), *_budget_order(row), str(row["seed"]))
 
 
-def markdown_tables(rows: list[dict]) -> str:
-    """Per (model, task): methods as rows, budgets as columns, cells 'score (R1%/R2%)'."""
+def _budget_order(row: dict) -> tuple:
+    """Full model first, then budgets from the largest value down."""
+    value = row["budget_value"] if isinstance(row["budget_value"], (int, float)) else 0.0
+    return (row["budget"] != "full", -value, str(row["budget"]))
+
+
+def _series_label(row: dict, several_quantizations: bool) -> str:
+    return f"{row['method']} ({row['quantization']})" if several_quantizations else str(row["method"])
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["model"], row["task"])].append(row)
-    parts = []
-    for (model, task), group in groups.items():
-        budgets = list(dict.fromkeys(r["budget"] for r in group if r["method"] != UNCOMPRESSED))
-        methods = list(dict.fromkeys(r["method"] for r in group))
-        metric = group[0]["metric"]
-        parts.append(f"## {model} — {task} ({metric} %, cells: score (R1 % / R2 %))\n")
-        parts.append("| method | " + " | ".join(["full"] + budgets) + " |")
-        parts.append("|---" * (len(budgets) + 2) + "|")
-        for method in methods:
-            cells = []
-            for budget in ["full"] + budgets:
-                matching = [r for r in group if r["method"] == method and r["budget"] == budget]
-                cells.append(_cell(matching) if matching else "")
-            parts.append(f"| {method} | " + " | ".join(cells) + " |")
-        quantization = sorted({r["quantization"] for r in group})
-        parts.append(f"\nQuantization: {', '.join(quantization)}. Seeds: {sorted({r['seed'] for r in group})}.\n")
+    return groups
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(rows: list[dict]) -> str:
+    """'score (R1/R2)' in percent; 'mean ± std' over seeds when there are several."""
+    mean, std = _mean_std([100 * r["score"] for r in rows])
+    score = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    r1, r2 = (statistics.fmean(100 * r[k] for r in rows) for k in ("R1", "R2"))
+    return f"{score} ({r1:.1f}/{r2:.1f})"
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """Per (model, task): methods as rows (uncompressed first), budgets as columns."""
+    parts = ["# Results\n"]
+    for (model, task), group in _groups(rows).items():
+        several = len({r["quantization"] for r in group}) > 1
+        budgets = list(dict.fromkeys(r["budget"] for r in sorted(group, key=_budget_order)))
+        labels = list(dict.fromkeys(_series_label(r, several) for r in group))
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for r in group:
+            cells[(_series_label(r, several), r["budget"])].append(r)
+        parts.append(f"## {model}: {task} ({group[0]['metric']}, %)\n")
+        parts.append("| method | " + " | ".join(map(str, budgets)) + " |")
+        parts.append("|---" * (len(budgets) + 1) + "|")
+        for label in labels:
+            parts.append(f"| {label} | " + " | ".join(_cell(cells[(label, b)]) if cells[(label, b)] else "" for b in budgets) + " |")
+        seeds = sorted({str(r["seed"]) for r in group})
+        quantizations = sorted({str(r["quantization"]) for r in group})
+        parts.append(
+            f"\nCells: score (R1 % / R2 %), mean ± sample std where several seeds. "
+            f"Seeds: {', '.join(seeds)}. Quantization: {'; '.join(quantizations)}.\n"
+        )
     return "\n".join(parts)
 
 
-def _plot(rows: list[dict], plot_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys((r["model"], r["task"]) for r in rows))
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 4 * len(tasks)), squeeze=False)
-    for (model, task), ax_pair in zip(tasks, axes):
-        group = [r for r in rows if (r["model"], r["task"]) == (model, task)]
-        for ax, measure in zip(ax_pair, ("R1", "R2")):
-            for method in dict.fromkeys(r["method"] for r in group):
-                points = defaultdict(list)
-                for r in group:
-                    if r["method"] == method:
-                        points[r[measure]].append(100 * r["score"])
-                xs = sorted(points)
-                ys = [statistics.fmean(points[x]) for x in xs]
-                if method == UNCOMPRESSED:
-                    ax.axhline(ys[0], linestyle="--", color="grey", label=UNCOMPRESSED)
-                else:
-                    ax.plot([100 * x for x in xs], ys, marker="o", label=method)
-            ax.set_xlabel(f"{measure} (%)")
-            ax.set_ylabel(f"{group[0]['metric']} (%)")
-            ax.set_title(f"{model}: {task}")
-            ax.grid(alpha=0.3)
-            ax.legend()
-    fig.tight_layout()
-    atomic_write(plot_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def write_report(result_files: list[Path], csv_path: Path, markdown_path: Path, plot_path: Path) -> None:
-    """Write the CSV, the markdown tables and the plot from evaluation result files only."""
-    rows = read_results([Path(p) for p in result_files])
+def tidy_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(Path(csv_path), lambda tmp: tmp.write_text(buffer.getvalue()))
-    atomic_write(Path(markdown_path), lambda tmp: tmp.write_text(markdown_tables(rows)))
+    return buffer.getvalue()
+
+
+def _plot(rows: list[dict], plot_path: Path) -> None:
+    """Per (model, task) two panels, score vs R1 and vs R2; uncompressed as a dashed horizontal line."""
+    from matplotlib.figure import Figure  # Figure + savefig render with Agg, without pyplot's global state
+
+    groups = _groups(rows)
+    fig = Figure(figsize=(11, 4 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    for ((model, task), group), ax_pair in zip(groups.items(), axes):
+        several = len({r["quantization"] for r in group}) > 1
+        for ax, measure in zip(ax_pair, ("R1", "R2")):
+            series: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+            for r in group:
+                series[_series_label(r, several)][r["budget"]].append(r)
+            for label, by_budget in series.items():
+                points = sorted(
+                    (statistics.fmean(100 * r[measure] for r in runs), *_mean_std([100 * r["score"] for r in runs]))
+                    for runs in by_budget.values()
+                )
+                if next(iter(by_budget.values()))[0]["method"] == UNCOMPRESSED:
+                    ax.axhline(points[0][1], linestyle="--", color="black", alpha=0.7, label=label)
+                    continue
+                xs, ys, stds = zip(*points)
+                ax.errorbar(xs, ys, yerr=[s or 0.0 for s in stds], marker="o", capsize=3, label=label)
+            ax.set_xlabel(f"{measure} (%)")
+            ax.set_ylabel(f"{group[0]['metric']} (%)")
+            ax.set_title(f"{model}: {task}, {group[0]['metric']} vs {measure}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    atomic_write(plot_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def write_report(result_files: list[Path], csv_path: Path, markdown_path: Path, plot_path: Path) -> None:
+    """Write the tidy CSV, the markdown tables and the trade-off plot, each atomically."""
+    rows = read_results(result_files)
+    text = tidy_csv(rows)
+    atomic_write(Path(csv_path), lambda tmp: tmp.write_text(text))
+    tables = markdown_tables(rows)
+    atomic_write(Path(markdown_path), lambda tmp: tmp.write_text(tables))
     _plot(rows, Path(plot_path))
+    log.info("report of %d results: %s, %s, %s", len(rows), csv_path, markdown_path, plot_path)

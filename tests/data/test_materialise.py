@@ -1,0 +1,172 @@
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+from qsvd.data.materialise import materialise_dataset, seeded_subset
+from qsvd.data.records import read_records
+
+pytestmark = pytest.mark.unit
+
+SCIENCEQA_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "question": datasets.Value("string"),
+        "choices": datasets.Sequence(datasets.Value("string")),
+        "answer": datasets.Value("int64"),
+        "hint": datasets.Value("string"),
+        "subject": datasets.Value("string"),
+        "lecture": datasets.Value("string"),
+    }
+)
+
+
+def _scienceqa_rows() -> datasets.Dataset:
+    """Four rows in derek-thomas/ScienceQA's schema; row 1 has no image (not in the IMG subset)."""
+    red, blue = Image.new("RGB", (8, 6), "red"), Image.new("RGBA", (5, 5), (0, 0, 255, 128))
+    rows = {
+        "image": [red, None, blue, red],
+        "question": ["Which is red?", "Text only?", "Which is a fish?", "Which is hot?"],
+        "choices": [["apple", "sky"], ["x", "y"], ["cat", "trout", "owl"], ["ice", "fire"]],
+        "answer": [0, 1, 1, 1],
+        "hint": ["", "", "Fish live in water.", ""],
+        "subject": ["natural science"] * 4,
+        "lecture": [""] * 4,
+    }
+    return datasets.Dataset.from_dict(rows, features=SCIENCEQA_FEATURES)
+
+
+def _vizwiz_rows() -> datasets.Dataset:
+    """Two rows in lmms-lab/VizWiz-VQA's schema (val: ten answers each)."""
+    rows = {
+        "question_id": ["VizWiz_val_00000000.jpg", "VizWiz_val_00000001.jpg"],
+        "image": [Image.new("RGB", (9, 7), "green"), Image.new("L", (4, 4), 200)],
+        "question": ["What is this?", "What colour is the shirt?"],
+        "answers": [["unanswerable"] * 6 + ["soup"] * 4, ["blue"] * 3 + ["navy"] * 3 + ["dark blue"] * 4],
+        "category": ["unanswerable", "other"],
+    }
+    return datasets.Dataset.from_dict(rows)
+
+
+def test_seeded_subset_is_deterministic_sorted_and_seed_dependent():
+    a, b = seeded_subset(100, 10, 3, "x"), seeded_subset(100, 10, 3, "x")
+    assert a == b == sorted(a) and len(set(a)) == 10
+    assert seeded_subset(100, 10, 4, "x") != a
+    assert seeded_subset(5, None, 0, "x") == [0, 1, 2, 3, 4]
+
+
+def test_easy_vqa_subset_is_deterministic_and_complete(tmp_path):
+    manifest = materialise_dataset("easy-vqa", "test", 12, 3, tmp_path / "a")
+    materialise_dataset("easy-vqa", "test", 12, 3, tmp_path / "b")
+    records = read_records(tmp_path / "a")
+    assert len(records) == 12 and {r.task for r in records} == {"easy-vqa"}
+    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+    for record in records:
+        assert record.image.startswith("images/") and record.load_image(tmp_path / "a").size == (64, 64)
+        assert record.answers == [record.answer]
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["stage"] == "data" and on_disk["seed"] == 3 and on_disk["task"] == "easy-vqa"
+    assert on_disk["config"] == {"dataset": "easy-vqa", "split": "test", "num_samples": 12, "seed": 3, "local_dir": None}
+    assert on_disk["samples"] == 12 and on_disk["available"] == 9673 and on_disk["images"] == len(list((tmp_path / "a" / "images").iterdir()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary directory left behind
+    other_seed = materialise_dataset("easy-vqa", "test", 12, 4, tmp_path / "c")
+    assert [r.id for r in read_records(tmp_path / "c")] != [r.id for r in records] and other_seed["seed"] == 4
+
+
+def test_rerun_replaces_the_output_and_removes_a_stale_temporary(tmp_path):
+    stale = tmp_path / ".out.abcd_123"
+    stale.mkdir()
+    (stale / "samples.jsonl").write_text("half written")
+    materialise_dataset("easy-vqa", "test", 3, 0, tmp_path / "out")
+    materialise_dataset("easy-vqa", "test", 2, 0, tmp_path / "out")
+    assert len(read_records(tmp_path / "out")) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet_snapshot"])
+def test_scienceqa_from_local_directory_keeps_only_image_questions(tmp_path, layout):
+    local = tmp_path / "sqa"
+    if layout == "save_to_disk":
+        datasets.DatasetDict({"test": _scienceqa_rows()}).save_to_disk(str(local))
+    else:  # the hub repository's own layout
+        (local / "data").mkdir(parents=True)
+        _scienceqa_rows().to_parquet(str(local / "data" / "test-00000-of-00001.parquet"))
+        _scienceqa_rows().select([0]).to_parquet(str(local / "data" / "train-00000-of-00001.parquet"))
+    manifest = materialise_dataset("scienceqa-img", "test", None, 0, tmp_path / "out", local)
+    records = read_records(tmp_path / "out")
+    assert manifest["available"] == 3 and manifest["samples"] == 3 and manifest["source"] == str(local)
+    assert [r.id for r in records] == ["test-0", "test-2", "test-3"]
+    assert [r.answer for r in records] == ["A", "B", "B"] and [r.answers for r in records] == [["A"], ["B"], ["B"]]
+    assert records[1].choices == ["cat", "trout", "owl"]
+    assert records[1].question == (
+        "Context: Fish live in water.\nWhich is a fish?\nA. cat\nB. trout\nC. owl\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert records[0].question.startswith("Which is red?\nA. apple\nB. sky\n")
+    assert records[0].load_image(tmp_path / "out").size == (8, 6)
+    assert Image.open(tmp_path / "out" / records[1].image).mode == "RGBA"  # stored losslessly
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sqa"]  # no cache or temporary left behind
+
+
+def test_scienceqa_subset_is_drawn_among_image_questions(tmp_path):
+    datasets.DatasetDict({"train": _scienceqa_rows()}).save_to_disk(str(tmp_path / "sqa"))
+    materialise_dataset("scienceqa-img", "train", 2, 5, tmp_path / "a", tmp_path / "sqa")
+    materialise_dataset("scienceqa-img", "train", 2, 5, tmp_path / "b", tmp_path / "sqa")
+    ids = [r.id for r in read_records(tmp_path / "a")]
+    assert ids == [r.id for r in read_records(tmp_path / "b")]
+    assert len(ids) == 2 and "train-1" not in ids
+    with pytest.raises(ValueError, match="num_samples=4 but only 3"):
+        materialise_dataset("scienceqa-img", "train", 4, 5, tmp_path / "c", tmp_path / "sqa")
+    with pytest.raises(ValueError, match=r"splits \['train'\], not 'test' \(key: split\)"):
+        materialise_dataset("scienceqa-img", "test", 1, 5, tmp_path / "c", tmp_path / "sqa")
+
+
+def test_vizwiz_from_local_directory_keeps_ten_answers(tmp_path):
+    _vizwiz_rows().save_to_disk(str(tmp_path / "viz"))  # a single Dataset is taken as the split
+    manifest = materialise_dataset("vizwiz", "val", None, 0, tmp_path / "out", tmp_path / "viz")
+    first, second = read_records(tmp_path / "out")
+    assert manifest["samples"] == 2 and manifest["task"] == "vizwiz"
+    assert first.id == "VizWiz_val_00000000.jpg" and first.task == "vizwiz"
+    assert first.answer == "unanswerable" and len(first.answers) == 10 and first.answers.count("soup") == 4
+    assert second.answer == "dark blue"
+    assert first.question.startswith("What is this?\nWhen the provided information is insufficient")
+    assert second.load_image(tmp_path / "out").size == (4, 4)
+
+
+def test_vizwiz_from_parquet_snapshot_and_missing_answers(tmp_path):
+    (tmp_path / "viz" / "data").mkdir(parents=True)
+    _vizwiz_rows().to_parquet(str(tmp_path / "viz" / "data" / "val-00000-of-00001.parquet"))
+    test_rows = _vizwiz_rows().map(lambda row: {"answers": []})
+    test_rows.to_parquet(str(tmp_path / "viz" / "data" / "test-00000-of-00001.parquet"))
+    materialise_dataset("vizwiz", "val", 1, 0, tmp_path / "out", tmp_path / "viz")
+    assert len(read_records(tmp_path / "out")) == 1
+    with pytest.raises(ValueError, match="no reference answers.*split: val"):
+        materialise_dataset("vizwiz", "test", None, 0, tmp_path / "test", tmp_path / "viz")
+    with pytest.raises(ValueError, match="cannot load split 'train' \\(key: split\\)"):
+        materialise_dataset("vizwiz", "train", None, 0, tmp_path / "train", tmp_path / "viz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "viz"]
+
+
+def test_errors_name_the_key_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'coco' \\(key: dataset\\).*easy-vqa, scienceqa-img, vizwiz"):
+        materialise_dataset("coco", "test", 1, 0, tmp_path / "x")
+    with pytest.raises(ValueError, match="num_samples=99999 but only 9673 .*key: num_samples"):
+        materialise_dataset("easy-vqa", "test", 99999, 0, tmp_path / "x")
+    with pytest.raises(ValueError, match="num_samples=0"):
+        materialise_dataset("easy-vqa", "test", 0, 0, tmp_path / "x")
+    with pytest.raises(ValueError, match="split 'dev' does not exist"):
+        materialise_dataset("easy-vqa", "dev", 1, 0, tmp_path / "x")
+    with pytest.raises(ValueError, match="key: local_dir"):
+        materialise_dataset("easy-vqa", "test", 1, 0, tmp_path / "x", tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'}.*key: local_dir"):
+        materialise_dataset("vizwiz", "val", 1, 0, tmp_path / "x", tmp_path / "missing")
+    assert list(tmp_path.iterdir()) == []  # failed runs leave nothing behind
+
+
+@pytest.mark.parametrize("dataset, hub_id", [("vizwiz", "lmms-lab/VizWiz-VQA"), ("scienceqa-img", "derek-thomas/ScienceQA")])
+def test_unreachable_hub_fails_fast_and_suggests_local_dir(tmp_path, dataset, hub_id):
+    with pytest.raises(RuntimeError, match=f"{hub_id}.*offline or unreachable.*local_dir"):
+        materialise_dataset(dataset, "val", 1, 0, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,121 @@
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from qsvd.stages.report import COLUMNS, write_report
+
+pytestmark = pytest.mark.unit
+
+
+def _result(**overrides) -> dict:
+    result = {
+        "stage": "evaluate", "model": "demo", "method": "qsvd", "budget": "r0.5", "budget_kind": "rank_fraction",
+        "budget_value": 0.5, "R1": 2 / 3, "R2": 0.25, "seed": 0, "task": "easy-vqa", "metric": "accuracy",
+        "score": 0.91, "num_samples": 500, "quantization": "none (full precision)", "predictions": "x.jsonl",
+    }
+    return {**result, **overrides}
+
+
+def _write(tmp_path, results: list[dict]) -> list:
+    paths = []
+    for i, result in enumerate(results):
+        path = tmp_path / "results" / f"{i}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result))
+        paths.append(path)
+    return paths
+
+
+FULL = dict(method="uncompressed", budget="full", budget_kind="none", budget_value=None, R1=1.0, R2=1.0)
+RESULTS = [
+    _result(method="svd-llm", budget="r0.5", R1=1 / 3 + 2 / 3, R2=0.5, score=0.70),
+    _result(budget="r0.75", budget_value=0.75, R1=1.0, R2=0.375, score=0.90, seed=0),
+    _result(budget="r0.75", budget_value=0.75, R1=1.0, R2=0.375, score=0.80, seed=1),
+    _result(score=0.85),  # qsvd r0.5 seed 0
+    _result(**FULL, score=0.95),
+    _result(**FULL, task="scienceqa-img", score=0.6),
+    _result(task="scienceqa-img", score=0.5),
+]
+
+
+def _report(tmp_path, results=RESULTS):
+    out = tmp_path / "report"
+    write_report(_write(tmp_path, results), out / "results.csv", out / "tables.md", out / "tradeoff.png")
+    return out
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    """The report of RESULTS, written once for the tests that only read it."""
+    return _report(tmp_path_factory.mktemp("report"))
+
+
+def test_csv_has_one_tidy_row_per_result(report_dir):
+    out = report_dir
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS and len(rows) == len(RESULTS)
+    easy = [r for r in rows if r["task"] == "easy-vqa"]
+    assert [(r["method"], r["budget"], r["seed"]) for r in easy] == [
+        ("uncompressed", "full", "0"), ("qsvd", "r0.75", "0"), ("qsvd", "r0.75", "1"), ("qsvd", "r0.5", "0"), ("svd-llm", "r0.5", "0"),
+    ]
+    assert float(easy[1]["score"]) == 0.9 and float(easy[3]["R1"]) == pytest.approx(2 / 3) and easy[0]["budget_value"] == ""
+    assert {r["quantization"] for r in rows} == {"none (full precision)"} and {r["num_samples"] for r in rows} == {"500"}
+
+
+def test_markdown_tables_per_model_and_task(report_dir):
+    text = (report_dir / "tables.md").read_text()
+    easy, science = text.split("## demo: easy-vqa (accuracy, %)")[1].split("## demo: scienceqa-img (accuracy, %)")
+    lines = [line for line in easy.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | full | r0.75 | r0.5 |"
+    assert lines[2] == "| uncompressed | 95.00 (100.0/100.0) |  |  |"  # uncompressed row first
+    assert lines[3] == "| qsvd |  | 85.00 ± 7.07 (100.0/37.5) | 85.00 (66.7/25.0) |"  # mean ± std over 2 seeds
+    assert lines[4] == "| svd-llm |  |  | 70.00 (100.0/50.0) |"
+    assert "Seeds: 0, 1." in easy and "Quantization: none (full precision)." in easy
+    science_lines = [line for line in science.splitlines() if line.startswith("|")]
+    assert science_lines[0] == "| method | full | r0.5 |" and science_lines[3] == "| qsvd |  | 50.00 (66.7/25.0) |"
+
+
+def test_several_quantizations_get_their_own_rows(tmp_path):
+    results = [_result(**FULL, score=0.9), _result(score=0.8), _result(score=0.7, quantization="W4A4 (simulated)")]
+    text = (_report(tmp_path, results) / "tables.md").read_text()
+    assert "| qsvd (W4A4 (simulated)) |  | 70.00 (66.7/25.0) |" in text
+    assert "| qsvd (none (full precision)) |  | 80.00 (66.7/25.0) |" in text
+
+
+def test_plot_is_a_non_empty_png_with_two_panels_per_task(report_dir):
+    out = report_dir
+    with Image.open(out / "tradeoff.png") as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] / 2 > 100  # two rows of panels
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "tables.md", "tradeoff.png"]  # no temporaries
+
+
+def test_report_without_uncompressed_or_with_one_result(tmp_path):
+    out = _report(tmp_path, [_result()])
+    assert "| qsvd | 91.00 (66.7/25.0) |" in (out / "tables.md").read_text()
+    assert (out / "tradeoff.png").stat().st_size > 0
+
+
+def test_errors_name_the_file_and_the_key(tmp_path):
+    out = tmp_path / "out"
+    args = (out / "a.csv", out / "a.md", out / "a.png")
+    with pytest.raises(ValueError, match="no result files"):
+        write_report([], *args)
+    incomplete = {k: v for k, v in _result().items() if k != "R2"}
+    (path,) = _write(tmp_path, [incomplete])
+    with pytest.raises(ValueError, match=rf"{path} lacks the key 'R2'"):
+        write_report([path], *args)
+    (path,) = _write(tmp_path, [_result(score="high")])
+    with pytest.raises(ValueError, match=rf"{path}: 'score' must be a number"):
+        write_report([path], *args)
+    first, second = _write(tmp_path, [_result(), _result()])
+    with pytest.raises(ValueError, match=rf"{first} and {second} are the same run"):
+        write_report([first, second], *args)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON"):
+        write_report([path], *args)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        write_report([tmp_path / "missing.json"], *args)
+    assert not out.exists()  # nothing written on error
