@@ -23,7 +23,7 @@ def dataset(tmp_path, images):
     records = []
     for i, (question, answer) in enumerate([("what color is the shape?", "red"), ("is there a circle?", "yes"), ("what shape is it?", "triangle")]):
         images[i].save(directory / "images" / f"{i}.png")
-        records.append(Record(id=str(i), task="easy-vqa", question=question, answer=answer, answers=[answer], image=f"{i}.png"))
+        records.append(Record(id=str(i), task="easy-vqa", question=question, answer=answer, answers=[answer], image=f"images/{i}.png"))
     write_records(directory, records)
     return directory
 
