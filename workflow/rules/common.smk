@@ -14,6 +14,7 @@ except (ConfigError, HubUnreachableError) as error:
 
 REPO = Path(workflow.basedir).parent
 # Runs the package of this checkout, with or without `pip install -e .` (conda envs, SLURM jobs).
+# Deliberately not a param: the absolute checkout path would make moving the repo re-run everything.
 QSVD = f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} python -m qsvd.cli"
 MODEL = CFG.model.name
 RESULTS = f"results/{MODEL}"

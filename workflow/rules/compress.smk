@@ -16,6 +16,8 @@ rule activation_stats:
     threads: workflow.cores
     resources:
         mem_mb=16000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} stats --model {params.model} --family {params.family}"
         " --data {input.data} --dtype {params.dtype} --out {output} 2> {log}"
@@ -40,6 +42,8 @@ rule decompose:
     threads: workflow.cores
     resources:
         mem_mb=16000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} decompose --model {params.model} --family {params.family}"
         " --stats {input.stats} --scaling {params.scaling} --alpha {params.alpha} --out {output} 2> {log}"
@@ -63,6 +67,8 @@ rule importance:
     threads: workflow.cores
     resources:
         mem_mb=16000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} importance --model {params.model} --family {params.family}"
         " --decomposition {input.decomposition} --data {input.data} --out {output} 2> {log}"
@@ -90,6 +96,8 @@ rule rank_plan:
     threads: 1
     resources:
         mem_mb=2000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} rank-plan --decomposition {input.decomposition} {params.importance}"
         " --allocation {params.allocation} --budget-kind {params.budget_kind} --budget {params.budget}"
@@ -115,6 +123,8 @@ rule lowrank_model:
     threads: workflow.cores
     resources:
         mem_mb=16000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} lowrank-model --model {params.model} --family {params.family}"
         " --decomposition {input.decomposition} --plan {input.plan} --beta {params.beta}"

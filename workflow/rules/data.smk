@@ -11,5 +11,7 @@ rule materialise_dataset:
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} data {params.args} --out {output} 2> {log}"

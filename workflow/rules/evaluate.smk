@@ -18,6 +18,8 @@ rule evaluate_uncompressed:
     threads: workflow.cores
     resources:
         mem_mb=16000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} evaluate --model {params.model} --family {params.family}"
         " --data {input.data} --dtype {params.dtype} --max-new-tokens {params.max_new_tokens}"
@@ -43,6 +45,8 @@ rule evaluate_lowrank:
     threads: workflow.cores
     resources:
         mem_mb=16000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} evaluate --model {input.model} --family {params.family}"
         " --data {input.data} --dtype {params.dtype} --max-new-tokens {params.max_new_tokens}"

@@ -13,6 +13,8 @@ rule demo_model:
     threads: workflow.cores
     resources:
         mem_mb=8000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} demo-model --seed {params.seed}"
         " --max-minutes {params.max_minutes} --recipe '{params.recipe}' --out {output} 2> {log}"

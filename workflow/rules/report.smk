@@ -14,6 +14,8 @@ rule report:
     threads: 1
     resources:
         mem_mb=2000,
+    conda:
+        "../../envs/qsvd.yaml"
     shell:
         "{QSVD} report --csv {output.csv} --markdown {output.markdown} --plot {output.plot}"
         " {input} 2> {log}"
