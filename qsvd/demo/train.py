@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -57,7 +55,6 @@ class DemoRecipe:
     max_train_images: int | None = None  # the first images by id; None: all 4000
     max_train_questions: int | None = None  # a seeded sample of their questions; None: all
     eval_questions: int = 500  # a fixed seeded sample of the test split
-    threads: int = 2
 
 
 def split_overrides(overrides: dict) -> tuple[DemoRecipe, dict]:
@@ -94,17 +91,6 @@ def image_attributes(records: list[Record]) -> dict[str, tuple[int, int]]:
             label.append(names.index(known[0]) if known else names.index(left[0]) if len(left) == 1 else IGNORE_INDEX)
         labels[image] = (label[0], label[1])
     return labels
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run torch on `threads` intra-op threads, restoring the previous count afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float):
@@ -291,48 +277,53 @@ def held_out_questions(count: int) -> tuple[list[Record], dict[str, Path]]:
     return [test[i] for i in sorted(order.tolist())], _by_name(paths)
 
 
+def training_questions(records: list[Record], recipe: DemoRecipe, generator: torch.Generator) -> tuple[list[str], list[Record]]:
+    """(image names in id order, their questions) after the recipe's image and question caps."""
+    names = sorted({r.image for r in records}, key=lambda name: int(name.split(".")[0]))[: recipe.max_train_images]
+    kept = set(names)
+    questions = [r for r in records if r.image in kept]
+    if recipe.max_train_questions is not None and recipe.max_train_questions < len(questions):
+        keep = torch.randperm(len(questions), generator=generator)[: recipe.max_train_questions]
+        questions = [questions[i] for i in sorted(keep.tolist())]
+    return names, questions
+
+
 def fit_demo_model(seed: int = 0, max_minutes: float = 5.0, **recipe) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict]:
     """Build and train the demo VLM and measure its held-out accuracy: (model, processor, summary).
 
-    `recipe` overrides `DemoRecipe` fields and `DemoSizes` fields. Training stops at `max_minutes`
-    (wall time; `cut_by_time_limit` in the summary), otherwise it is deterministic given `seed`.
+    `recipe` overrides `DemoRecipe` and `DemoSizes` fields. Training stops at `max_minutes` of wall
+    time (`cut_by_time_limit` in the summary); otherwise it is deterministic given `seed` and the
+    number of torch threads, which the caller sets (the CLI's --threads).
     """
     plan, sizes = split_overrides(recipe)
     start = time.monotonic()
     deadline = start + 60.0 * max_minutes
     generator = torch.Generator().manual_seed(seed)
-    with torch_threads(plan.threads):
-        records, paths = easy_vqa_records("train")
-        processor = build_demo_processor(records)
-        model = build_demo_model(processor, seed, **sizes)
-        attributes = image_attributes(records)
-        names = sorted(attributes, key=lambda name: int(name.split(".")[0]))[: plan.max_train_images]
-        index = {name: i for i, name in enumerate(names)}
-        train = [r for r in records if r.image in index]
-        if plan.max_train_questions is not None and plan.max_train_questions < len(train):
-            keep = torch.randperm(len(train), generator=generator)[: plan.max_train_questions]
-            train = [train[i] for i in sorted(keep.tolist())]
-        pixels = _load_pixels(processor, [_by_name(paths)[name] for name in names])
-        labels = torch.tensor([attributes[name] for name in names])
-        summary = pretrain_vision(model, pixels, labels, plan, generator, deadline)
-        vision_seconds = time.monotonic() - start
-        with torch.no_grad():
-            features = torch.cat([patch_features(model, chunk) for chunk in pixels.split(256)])
-        question_image = torch.tensor([index[r.image] for r in train])
-        prompts = prompt_batch(processor, train)
-        summary |= train_language(model, prompts, features, question_image, plan, generator, deadline)
-        train_seconds = time.monotonic() - start
-        held_out, held_out_paths = held_out_questions(plan.eval_questions)
-        accuracy = answer_accuracy(generated_answers(model, processor, held_out, held_out_paths), held_out)
+    records, paths = easy_vqa_records("train")
+    processor = build_demo_processor(records)
+    model = build_demo_model(processor, seed, **sizes)
+    names, train = training_questions(records, plan, generator)
+    attributes = image_attributes(records)
+    pixels = _load_pixels(processor, [_by_name(paths)[name] for name in names])
+    summary = pretrain_vision(model, pixels, torch.tensor([attributes[n] for n in names]), plan, generator, deadline)
+    vision_seconds = time.monotonic() - start
+    with torch.no_grad():
+        features = torch.cat([patch_features(model, chunk) for chunk in pixels.split(256)])
+    index = {name: i for i, name in enumerate(names)}
+    question_image = torch.tensor([index[r.image] for r in train])
+    summary |= train_language(model, prompt_batch(processor, train), features, question_image, plan, generator, deadline)
+    train_seconds = time.monotonic() - start
+    held_out, held_out_paths = held_out_questions(plan.eval_questions)
+    accuracy = answer_accuracy(generated_answers(model, processor, held_out, held_out_paths), held_out)
     cut = summary["vision_steps"] < summary["vision_steps_planned"] or summary["lm_steps"] < summary["lm_steps_planned"]
     if cut:
         log.warning("demo training hit the %.1f-minute limit: the model is undertrained and not reproducible", max_minutes)
     log.info("demo model: trained in %.1f s, held-out accuracy %.3f", train_seconds, accuracy)
-    summary = provenance("demo_model", {"max_minutes": max_minutes, "recipe": asdict(plan)}, seed) | summary
-    return model, processor, summary | {
+    return model, processor, provenance("demo_model", {"max_minutes": max_minutes, "recipe": asdict(plan)}, seed) | summary | {
         "train_seconds": round(train_seconds, 1),
         "vision_seconds": round(vision_seconds, 1),
         "eval_seconds": round(time.monotonic() - start - train_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
         "cut_by_time_limit": cut,
         "train_images": len(names),
         "train_questions": len(train),

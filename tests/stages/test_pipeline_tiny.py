@@ -28,12 +28,16 @@ def dataset(tmp_path, images):
     return directory
 
 
+def _saved(model, processor, directory):
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 def test_every_stage_on_a_tiny_model(tiny, dataset, tmp_path, images):
     name, model, processor = tiny
     family = family_by_name(name)
-    source = tmp_path / "model"
-    model.save_pretrained(source)
-    processor.save_pretrained(source)
+    source = _saved(model, processor, tmp_path / "model")
 
     stats = run_activation_stats(str(source), name, dataset, tmp_path / "stats")
     tensors, manifest = read_artefact(stats)
@@ -72,9 +76,7 @@ def test_full_rank_lowrank_model_matches_the_original(tiny, dataset, tmp_path, i
     """Keeping every singular value reproduces the original logits (float32 tolerance)."""
     name, model, processor = tiny
     family = family_by_name(name)
-    source = tmp_path / "model"
-    model.save_pretrained(source)
-    processor.save_pretrained(source)
+    source = _saved(model, processor, tmp_path / "model")
     stats = run_activation_stats(str(source), name, dataset, tmp_path / "stats")
     decomposition = run_decompose(str(source), name, stats, "abs_max", 0.5, tmp_path / "decomposition")
     plan_path = run_rank_plan(decomposition, None, "uniform", "rank_fraction", 1.0, 1, tmp_path / "plan.json")
