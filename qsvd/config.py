@@ -166,8 +166,11 @@ def validate_schema(data: dict) -> None:
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         error = errors[0]
-        key = ".".join(str(p) for p in error.absolute_path) or "config"
-        raise ConfigError(f"config key {key}: {error.message}")
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        raise ConfigError(
+            f"config key {key or '(top level)'}: {error.message}; "
+            "see the configuration reference in README.md and workflow/schemas/config.schema.yaml"
+        )
 
 
 def _check_ranges(config: QsvdConfig) -> None:

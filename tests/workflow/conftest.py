@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
          "--directory", str(workdir), *args],
         capture_output=True, text=True, cwd=workdir,
+        # the rules call `python`: make it this interpreter, as `make test` does through PATH
+        env=os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
 
 

@@ -70,7 +70,7 @@ def eval_labels(method, rank=None):
             scaling=CFG.svd.scaling,
             alpha=CFG.svd.alpha,
         )
-    return json.dumps(labels)
+    return json.dumps(labels, sort_keys=True)
 
 
 def evaluation_results():

@@ -4,7 +4,7 @@ rule demo_model:
     params:
         seed=CFG.demo.seed,
         max_minutes=CFG.demo.max_minutes,
-        recipe=json.dumps(CFG.demo.recipe),
+        recipe=json.dumps(CFG.demo.recipe, sort_keys=True),
         version=STAGE_VERSIONS["demo_model"],
     log:
         f"{RESULTS}/logs/demo_model.log",
