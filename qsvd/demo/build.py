@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -67,13 +67,19 @@ class DemoSizes:
 
 
 def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer trained on `texts`: lower-cased words, punctuation split off."""
-    core = Tokenizer(models.WordLevel(unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    """A word-level tokenizer for `texts`: lower-cased words, punctuation split off.
+
+    The vocabulary is the special tokens, then the words in sorted order: the same ids on every run
+    and machine (a trainer's frequency order breaks ties arbitrarily).
+    """
+    normalizer, pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    words = sorted({w for text in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *(w for w in words if w not in SPECIAL_TOKENS)])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.normalizer = normalizer
+    core.pre_tokenizer = pre_tokenizer
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, " ?" -> "?"
-    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1, show_progress=False)
-    core.train_from_iterator(texts, trainer)
+    core.add_special_tokens(list(SPECIAL_TOKENS))  # kept whole, never split or lower-cased
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=BOS,

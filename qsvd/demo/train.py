@@ -115,7 +115,9 @@ def pretrain_vision(model: LlavaForConditionalGeneration, pixels: torch.Tensor, 
                     recipe: DemoRecipe, generator: torch.Generator, deadline: float) -> dict:
     """Phase 1: shape and colour heads on every patch token; returns steps and final training loss."""
     tower = model.model.vision_tower
-    heads = nn.Linear(tower.config.hidden_size, len(SHAPES) + len(COLOURS))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global RNG
+        torch.manual_seed(int(torch.randint(2**31, (), generator=generator)))
+        heads = nn.Linear(tower.config.hidden_size, len(SHAPES) + len(COLOURS))
     parameters = list(tower.parameters()) + list(heads.parameters())
     total = math.ceil(len(pixels) / recipe.vision_batch_size * recipe.vision_epochs)
     optimizer = torch.optim.AdamW(parameters, lr=recipe.vision_lr, weight_decay=recipe.vision_weight_decay, betas=(0.9, 0.98))
