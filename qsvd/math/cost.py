@@ -1,16 +1,21 @@
 """The one cost model: parameters, FLOPs and KV-cache size of low-rank attention (method §2).
 
-Joint QKV at rank r replaces E·(d_q+d_k+d_v) weights by r·(E+d_q+d_k+d_v). The KV cache per
-token per layer holds the latent (r values) or K and V (2·d_kv values), whichever is smaller:
-for GQA the latent can cost more, and then a real implementation caches K and V.
-R1 = low-rank QKV params / dense QKV params; R2 = cached values / dense K+V values.
+A unit is one decomposed weight: a group of q/k/v projections of one layer stacked and factored at
+rank r, which replaces E·d weights by r·(E + d) (d: the group's output size). Projections in no
+group stay dense. The KV cache per token holds, for each group that produces K or V, its latent
+(r values) or those K/V outputs themselves, whichever is smaller: for GQA the latent can cost more,
+and then a real implementation caches K and V. Dense K/V are cached as they are.
+R1 = QKV params / dense QKV params; R2 = cached values / dense K+V values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qsvd.methods import LAYOUTS
+
 BUDGET_KINDS = ("rank_fraction", "R1", "R2")
+PROJECTIONS = "qkv"
 
 
 @dataclass(frozen=True)
@@ -22,30 +27,66 @@ class LayerShape:
     k_out: int
     v_out: int
 
-    @property
-    def qkv_out(self) -> int:
-        return self.q_out + self.k_out + self.v_out
-
-    @property
-    def max_rank(self) -> int:
-        return min(self.hidden_size, self.qkv_out)
+    def out(self, projections: str) -> int:
+        """Summed output size of the named projections, e.g. "qkv" or "k"."""
+        return sum(getattr(self, f"{p}_out") for p in projections)
 
     @property
     def dense_params(self) -> int:
-        return self.hidden_size * self.qkv_out
+        return self.hidden_size * self.out(PROJECTIONS)
 
     @property
     def dense_cache(self) -> int:
-        return self.k_out + self.v_out
+        return self.out("kv")
 
-    def lowrank_params(self, rank: int) -> int:
-        return rank * (self.hidden_size + self.qkv_out)
 
-    def caches_latent(self, rank: int) -> bool:
-        return rank <= self.dense_cache
+@dataclass(frozen=True)
+class Unit:
+    """One decomposed weight: the stacked projections `group` of layer `layer`."""
+
+    layer: int
+    group: str
+    shape: LayerShape
+
+    @property
+    def name(self) -> str:
+        return f"layer.{self.layer}.{self.group}"
+
+    @property
+    def out_features(self) -> int:
+        return self.shape.out(self.group)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.shape.hidden_size, self.out_features)
+
+    @property
+    def kv_out(self) -> int:
+        return self.shape.out(p for p in self.group if p in "kv")
+
+    def params(self, rank: int) -> int:
+        return rank * (self.shape.hidden_size + self.out_features)
+
+    def caches(self, rank: int) -> str:
+        """What this unit puts in the KV cache: its "latent", its "kv" outputs, or "none" (Q only)."""
+        if self.kv_out == 0:
+            return "none"
+        return "latent" if rank <= self.kv_out else "kv"
 
     def cache_values(self, rank: int) -> int:
-        return min(rank, self.dense_cache)
+        return min(rank, self.kv_out)
+
+
+def layout_units(shapes: list[LayerShape], layout: str) -> list[Unit]:
+    """The units of `layout` in every layer, layer by layer."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {sorted(LAYOUTS)}")
+    return [Unit(i, group, shape) for i, shape in enumerate(shapes) for group in LAYOUTS[layout]]
+
+
+def dense_projections(layout: str) -> str:
+    """The projections a layout leaves dense, e.g. "q" for "kv"."""
+    return "".join(p for p in PROJECTIONS if not any(p in group for group in LAYOUTS[layout]))
 
 
 @dataclass(frozen=True)
@@ -58,36 +99,40 @@ class PlanCost:
     flops_per_token: int
     kv_cache_bytes_per_token: int
     dense_kv_cache_bytes_per_token: int
-    latent_cached_layers: list[int]
+    latent_cached_units: list[str]
 
 
-def plan_cost(shapes: list[LayerShape], ranks: list[int], cache_bytes_per_value: float = 2.0) -> PlanCost:
-    """Cost of a per-layer rank plan (cache counted at `cache_bytes_per_value`, 2 for fp16)."""
-    if len(shapes) != len(ranks):
-        raise ValueError(f"{len(ranks)} ranks for {len(shapes)} layers")
-    params = sum(s.lowrank_params(r) for s, r in zip(shapes, ranks))
-    dense = sum(s.dense_params for s in shapes)
-    cache = sum(s.cache_values(r) for s, r in zip(shapes, ranks))
+def plan_cost(
+    shapes: list[LayerShape], ranks: list[int], layout: str = "joint", cache_bytes_per_value: float = 2.0
+) -> PlanCost:
+    """Cost of a rank plan: one rank per unit of `layout` (cache counted at 2 bytes a value: fp16)."""
+    units = layout_units(shapes, layout)
+    if len(units) != len(ranks):
+        raise ValueError(f"{len(ranks)} ranks for {len(units)} units ({layout!r} layout, {len(shapes)} layers)")
+    dense = dense_projections(layout)
+    params = sum(u.params(r) for u, r in zip(units, ranks)) + sum(s.hidden_size * s.out(dense) for s in shapes)
+    cache = sum(u.cache_values(r) for u, r in zip(units, ranks)) + sum(s.out(p for p in dense if p in "kv") for s in shapes)
+    dense_params = sum(s.dense_params for s in shapes)
     dense_cache = sum(s.dense_cache for s in shapes)
     return PlanCost(
-        R1=params / dense,
+        R1=params / dense_params,
         R2=cache / dense_cache,
-        rank_fraction=sum(ranks) / sum(s.hidden_size for s in shapes),
+        rank_fraction=sum(ranks) / sum(u.max_rank for u in units),
         params=params,
-        dense_params=dense,
+        dense_params=dense_params,
         flops_per_token=2 * params,
         kv_cache_bytes_per_token=round(cache * cache_bytes_per_value),
         dense_kv_cache_bytes_per_token=round(dense_cache * cache_bytes_per_value),
-        latent_cached_layers=[i for i, (s, r) in enumerate(zip(shapes, ranks)) if s.caches_latent(r)],
+        latent_cached_units=[u.name for u, r in zip(units, ranks) if u.caches(r) == "latent"],
     )
 
 
-def budget_measure(shapes: list[LayerShape], kind: str):
-    """The function ranks -> the measure a budget of `kind` constrains."""
+def budget_measure(shapes: list[LayerShape], kind: str, layout: str = "joint"):
+    """The function ranks (one per unit) -> the measure a budget of `kind` constrains."""
     if kind not in BUDGET_KINDS:
         raise ValueError(f"unknown budget kind {kind!r}; use one of {BUDGET_KINDS}")
 
     def measure(ranks: list[int]) -> float:
-        return getattr(plan_cost(shapes, ranks), kind)
+        return getattr(plan_cost(shapes, ranks, layout), kind)
 
     return measure

@@ -7,6 +7,7 @@ from qsvd.math.decompose import (
     scaled_gradient_projection,
     scaled_svd,
     stack_weights,
+    whitening,
 )
 
 pytestmark = pytest.mark.unit
@@ -77,6 +78,68 @@ def test_gradient_projection_equals_autograd_through_sigma():
     sigma = svd.sigma.clone().requires_grad_(True)
     loss_of(svd.u @ torch.diag(sigma) @ svd.v.T / scale[None, :]).backward()
 
+    weight = w.clone().requires_grad_(True)
+    loss_of(weight).backward()
+    torch.testing.assert_close(scaled_gradient_projection(svd, weight.grad), sigma.grad)
+
+
+def _gram(tokens=64, e=24, seed=4, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, rank or e, generator=g, dtype=torch.float64)
+    if rank is not None:  # activations confined to a subspace: XᵀX is singular
+        x = x @ torch.randn(rank, e, generator=g, dtype=torch.float64)
+    return x, x.T @ x
+
+
+def test_whitening_factor_reproduces_the_gram_matrix():
+    _, gram = _gram()
+    s = whitening(gram, 0.0)
+    torch.testing.assert_close(s @ s.T, gram)
+    assert torch.equal(s, s.tril())  # the Cholesky path
+
+
+def test_whitening_falls_back_to_eigh_when_not_positive_definite():
+    _, gram = _gram(tokens=10, rank=5)
+    s = whitening(gram, 0.0)
+    assert torch.isfinite(s).all() and torch.linalg.matrix_rank(s) == 24  # invertible: B = σ^β Vᵀ S⁻¹ exists
+    # equal up to the floor that lifts the 19 null directions (1e-6 of the largest eigenvalue each)
+    torch.testing.assert_close(s @ s.T, gram, atol=1e-4 * float(gram.abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="damping"):
+        whitening(gram, -1.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.2, 1.0])
+def test_whitened_full_rank_factors_reproduce_w(beta):
+    weights = _weights()
+    svd = scaled_svd(stack_weights(weights), whitening(_gram()[1], 0.01))
+    factors = joint_factors(svd, torch.arange(len(svd.sigma)), beta, [24, 8, 8])
+    for a, w_p in zip(factors.up, weights):
+        torch.testing.assert_close(a @ factors.down, w_p, rtol=1e-8, atol=1e-8)
+
+
+def test_whitened_truncation_error_on_the_calibration_outputs_is_the_tail():
+    """SVD-LLM: with S Sᵀ = XᵀX, ‖(W - Ŵ) Xᵀ‖² = Σ_{i>r} σ_i², the optimum over rank-r Ŵ."""
+    x, gram = _gram()
+    w = stack_weights(_weights())
+    svd = scaled_svd(w, whitening(gram, 0.0))
+    factors = joint_factors(svd, torch.arange(6), 0.2, [24, 8, 8])
+    err = torch.linalg.matrix_norm((w - torch.cat(factors.up) @ factors.down) @ x.T) ** 2
+    torch.testing.assert_close(err, (svd.sigma[6:] ** 2).sum(), rtol=1e-8, atol=1e-8)
+
+
+def test_whitened_gradient_projection_equals_autograd_through_sigma():
+    """g_i = dL/dσ_i when W = U diag(σ) Vᵀ S⁻¹ (the gradient of the whitened matrix is G S⁻ᵀ)."""
+    g = torch.Generator().manual_seed(5)
+    w = stack_weights(_weights(seed=6))
+    s = whitening(_gram(seed=7)[1], 0.01)
+    svd = scaled_svd(w, s)
+    x = torch.randn(5, 24, generator=g, dtype=torch.float64)
+
+    def loss_of(weight):
+        return (x @ weight.T).tanh().sum()
+
+    sigma = svd.sigma.clone().requires_grad_(True)
+    loss_of(svd.u @ torch.diag(sigma) @ torch.linalg.solve(s.T, svd.v).T).backward()
     weight = w.clone().requires_grad_(True)
     loss_of(weight).backward()
     torch.testing.assert_close(scaled_gradient_projection(svd, weight.grad), sigma.grad)
