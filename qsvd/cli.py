@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from qsvd.methods import ALLOCATIONS, INPUT_TRANSFORMS, LAYOUTS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,13 +29,13 @@ def _demo_model(a):
 def _stats(a):
     from qsvd.stages.activation_stats import run_activation_stats
 
-    run_activation_stats(a.model, a.family, a.data, a.out, DTYPES[a.dtype])
+    run_activation_stats(a.model, a.family, a.data, a.out, DTYPES[a.dtype], gram=a.gram)
 
 
 def _decompose(a):
     from qsvd.stages.decompose import run_decompose
 
-    run_decompose(a.model, a.family, a.stats, a.scaling, a.alpha, a.out)
+    run_decompose(a.model, a.family, a.stats, a.layout, a.transform, a.alpha, a.out, damping=a.damping)
 
 
 def _importance(a):
@@ -99,13 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--gram", action="store_true", help="also accumulate XᵀX per layer (for whitening)")
     p.add_argument("--out", type=Path, required=True)
 
-    p = stage("decompose", _decompose, "thin SVD of each layer's scaled joint QKV matrix")
+    p = stage("decompose", _decompose, "thin SVD of each unit (e.g. each layer's joint QKV) after the input transform")
     model_args(p)
     p.add_argument("--stats", type=Path, required=True)
-    p.add_argument("--scaling", default="abs_mean")
+    p.add_argument("--layout", choices=LAYOUTS, default="joint")
+    p.add_argument("--transform", choices=INPUT_TRANSFORMS, default="abs_mean")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--damping", type=float, default=0.01, help="whitening damping, relative to the mean of diag(XᵀX)")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("importance", _importance, "gradient importance of every singular value")
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("rank-plan", _rank_plan, "per-layer ranks for one budget")
     p.add_argument("--decomposition", type=Path, required=True)
     p.add_argument("--importance", type=Path, default=None)
-    p.add_argument("--allocation", default="importance")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="importance")
     p.add_argument("--budget-kind", default="R1")
     p.add_argument("--budget", type=float, required=True)
     p.add_argument("--r-min", type=int, default=1)

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from qsvd.methods import Method
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 DEMO_SOURCE = "demo"
-# Largest R1 a budget may ask for: rank E on MHA costs 4/3 of the dense QKV.
-MAX_BUDGET = {"rank_fraction": 1.0, "R1": 4.0 / 3.0, "R2": 1.0}
+# Largest R1 a budget may ask for: full rank of separate Q, K, V on MHA costs 2x the dense QKV.
+MAX_BUDGET = {"rank_fraction": 1.0, "R1": 2.0, "R2": 1.0}
 
 
 class ConfigError(ValueError):
@@ -70,21 +72,30 @@ class EvaluationConfig:
 class SvdConfig:
     scaling: str = "abs_mean"
     alpha: float = 0.5
+    damping: float = 0.01
 
-    @property
-    def key(self) -> str:
-        return self.scaling if self.scaling == "none" else f"{self.scaling}-a{self.alpha:g}"
+    def transform(self, method: Method) -> str:
+        """The decompose stage's input transform for `method`: a diagonal scaling or "whiten"."""
+        return self.scaling if method.transform == "scale" else "whiten"
+
+    def key(self, method: Method) -> str:
+        """Path segment naming the decomposition `method` uses (methods that share it share the files)."""
+        transform = self.transform(method)
+        if transform == "whiten":
+            detail = f"whiten-d{self.damping:g}"
+        else:
+            detail = transform if transform == "none" else f"{transform}-a{self.alpha:g}"
+        return f"{method.layout}-{detail}"
 
 
 @dataclass(frozen=True)
 class RankConfig:
     budgets: tuple[float, ...]
-    allocation: str = "importance"
     budget_kind: str = "R1"
     r_min: int = 1
 
-    def key(self, budget: float) -> str:
-        return f"{self.allocation}-{self.budget_kind}{budget:g}-min{self.r_min}"
+    def key(self, budget: float, method: Method) -> str:
+        return f"{method.allocation}-{self.budget_kind}{budget:g}-min{self.r_min}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ class QsvdConfig:
     rank: RankConfig
     factors: FactorsConfig
     demo: DemoConfig = field(default_factory=DemoConfig)
+    methods: tuple[str, ...] = ("qsvd",)
 
 
 def _build(cls, data: Any, where: str):

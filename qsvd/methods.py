@@ -14,7 +14,9 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "separate": ("q", "k", "v"),  # one SVD per projection, equal activation scaling
     "kv": ("k", "v"),  # K and V separately, Q dense (ASVD / SVD-LLM as the paper runs them)
 }
-TRANSFORMS = ("scale", "whiten")  # diag(s) from abs statistics, or SVD-LLM's Cholesky whitening
+TRANSFORMS = ("scale", "whiten")  # diag(s) from abs statistics (svd.scaling), or SVD-LLM's whitening
+SCALINGS = ("abs_mean", "abs_max", "none")
+INPUT_TRANSFORMS = (*SCALINGS, "whiten")  # what the decompose stage applies
 ALLOCATIONS = ("importance", "uniform")
 
 

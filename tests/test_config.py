@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from qsvd.config import SCHEMA_PATH, ConfigError, QsvdConfig, load_config
+from qsvd.methods import METHODS
 
 pytestmark = pytest.mark.unit
 
@@ -44,7 +45,8 @@ def test_schema_and_dataclasses_agree_on_keys_and_defaults():
         for name, f in fields.items():
             prop = _schema_node(schema, node["properties"][name])
             if f.default is not dataclasses.MISSING:
-                assert prop.get("default") == f.default, f"{cls.__name__}.{name}"
+                default = list(f.default) if isinstance(f.default, tuple) else f.default
+                assert prop.get("default") == default, f"{cls.__name__}.{name}"
             if dataclasses.is_dataclass(hints[name]):
                 check(hints[name], prop)
             if typing.get_origin(hints[name]) is tuple and dataclasses.is_dataclass(typing.get_args(hints[name])[0]):
@@ -62,9 +64,13 @@ def test_shipped_configs_load():
 
 def test_defaults_and_cache_keys():
     config = load_config(copy.deepcopy(BASE))
-    assert config.svd.key == "abs_mean-a0.5"
+    assert config.methods == ("qsvd",)
+    assert config.svd.key(METHODS["qsvd"]) == "joint-abs_mean-a0.5"
+    assert config.svd.key(METHODS["joint-uniform"]) == "joint-abs_mean-a0.5"  # shares the decomposition
+    assert config.svd.key(METHODS["svd-llm"]) == "kv-whiten-d0.01"
     assert config.calibration.key == "easy-vqa-train-n8-s0"
-    assert config.rank.key(0.8) == "importance-R10.8-min1"
+    assert config.rank.key(0.8, METHODS["qsvd"]) == "importance-R10.8-min1"
+    assert config.rank.key(0.8, METHODS["asvd"]) == "uniform-R10.8-min1"
     assert config.factors.key == "beta0.2"
 
 
@@ -73,7 +79,8 @@ def test_defaults_and_cache_keys():
     [
         (["svd", "alhpa"], 0.5, r"svd.*alhpa"),
         (["model", "family"], "gpt", r"model.family"),
-        (["rank", "budgets"], [0.8, 2.0], r"rank.budgets.1"),
+        (["rank", "budgets"], [0.8, 2.5], r"rank.budgets.1"),
+        (["methods"], ["qsvd", "lora"], r"methods.1"),
         (["rank", "budgets"], [-0.1], r"rank.budgets.0"),
         (["factors", "beta"], 1.5, r"factors.beta"),
         (["model", "source"], "/no/such/model", r"model.source.*does not exist"),

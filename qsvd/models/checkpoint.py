@@ -1,7 +1,7 @@
 """Compressed checkpoints: save a low-rank model, and reload it by skeleton + shells + tensors.
 
 A checkpoint directory holds the base model's `config.json` and processor files, `model.safetensors`
-(the whole state dict, low-rank factors included), and `manifest.json` with the per-layer ranks.
+(the whole state dict, low-rank factors included), and `manifest.json` with the layout and the rank of every unit.
 Ranks are architecture, not weights: reloading builds the model from its config, swaps in
 low-rank shells of the recorded ranks, then loads the tensors.
 """
@@ -51,7 +51,7 @@ def load_lowrank_checkpoint(path: str | Path, dtype: torch.dtype | None = None) 
     config = transformers.AutoConfig.from_pretrained(path)
     model_class = getattr(transformers, manifest["model_class"])
     model = model_class(config)
-    install_lowrank_shells(model, family, [layer["rank"] for layer in manifest["layers"]])
+    install_lowrank_shells(model, family, manifest["layout"], [unit["rank"] for unit in manifest["units"]])
     missing, unexpected = load_model(model, str(path / manifest["weights"]), strict=False)
     if unexpected or missing:
         raise RuntimeError(f"checkpoint {path} does not match its manifest: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,8 +1,9 @@
-"""Low-rank joint QKV attention: one shared down-projection per layer, one up-projection per output.
+"""Low-rank attention: one shared down-projection per group of projections, one up-projection per output.
 
 The attention module keeps calling `q_proj(x)`, `k_proj(x)`, `v_proj(x)` on the same hidden
-states; the three `LatentUpProjection`s share one `SharedDownProjection` that computes the latent
-C = B x once per input and hands it to all three (the published code multiplies by B three times).
+states; the `LatentUpProjection`s of a group (all three for joint QKV) share one
+`SharedDownProjection`, registered as `<group>_down` (`qkv_down`), that computes the latent
+C = B x once per input and hands it to each (the published code multiplies by B three times).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import weakref
 import torch
 from torch import nn
 
-DOWN_NAME = "qkv_down"
+DOWN_SUFFIX = "_down"
 
 
 class SharedDownProjection(nn.Module):
@@ -71,31 +72,28 @@ class LatentUpProjection(nn.Module):
         return f"rank={self.down.rank}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _release_after_forward(module: nn.Module, args, output) -> None:
-    getattr(module, DOWN_NAME).release()
-
-
-def install_lowrank_qkv(
+def install_lowrank_group(
     attention: nn.Module,
-    projections: tuple[nn.Module, nn.Module, nn.Module],
+    group: str,
+    projections: tuple[nn.Module, ...],
     set_projection,
     rank: int,
     in_features: int,
-    biases: tuple[bool, bool, bool],
+    biases: tuple[bool, ...],
     dtype: torch.dtype | None = None,
     device=None,
 ) -> tuple[SharedDownProjection, list[LatentUpProjection]]:
-    """Replace q/k/v of `attention` by empty low-rank shells of `rank` (weights to be filled or loaded).
+    """Replace the projections named by `group` ("qkv", "k", ...) by empty low-rank shells of `rank`.
 
-    `projections` are the current q, k, v modules (their output sizes are kept) and
-    `set_projection(which, module)` swaps one of them in place.
+    `projections` are the current modules, in the group's order (their output sizes are kept), and
+    `set_projection(which, module)` swaps one of them in place. Weights are filled or loaded later.
     """
     down = SharedDownProjection(in_features, rank, dtype=dtype, device=device)
-    attention.add_module(DOWN_NAME, down)
+    attention.add_module(group + DOWN_SUFFIX, down)
     ups = []
-    for which, old, bias in zip("qkv", projections, biases):
+    for which, old, bias in zip(group, projections, biases, strict=True):
         up = LatentUpProjection(down, old.out_features, bias, dtype=dtype, device=device)
         set_projection(which, up)
         ups.append(up)
-    attention.register_forward_hook(_release_after_forward)
+    attention.register_forward_hook(lambda module, args, output: down.release())
     return down, ups

@@ -1,4 +1,4 @@
-"""Model surgery: read the joint QKV weights of every LM layer, swap in low-rank shells, fill them."""
+"""Model surgery: read the q/k/v weights of every LM layer, swap in low-rank shells, fill them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qsvd.math.cost import LayerShape
+from qsvd.math.cost import LayerShape, layout_units
 from qsvd.math.decompose import JointFactors
-from qsvd.models.lowrank import install_lowrank_qkv
+from qsvd.models.lowrank import install_lowrank_group
 from qsvd.models.registry import (
     ModelFamily,
     attention_of,
@@ -29,21 +29,30 @@ def layer_shapes(model: nn.Module, family: ModelFamily) -> list[LayerShape]:
     return shapes
 
 
-def joint_qkv_weight(layer: nn.Module, family: ModelFamily) -> torch.Tensor:
-    """[W_q; W_k; W_v] of one decoder layer (a copy, float64)."""
-    return torch.cat([p.weight.detach().to(torch.float64) for p in qkv_projections(layer, family)])
+def group_projections(layer: nn.Module, family: ModelFamily, group: str) -> tuple[nn.Module, ...]:
+    """The projections named by `group` ("qkv", "k", ...) of one decoder layer, in that order."""
+    q, k, v = qkv_projections(layer, family)
+    return tuple({"q": q, "k": k, "v": v}[p] for p in group)
 
 
-def install_lowrank_shells(model: nn.Module, family: ModelFamily, ranks: list[int]) -> None:
-    """Replace q/k/v of every LM layer by empty low-rank modules of the given ranks."""
+def group_weight(layer: nn.Module, family: ModelFamily, group: str) -> torch.Tensor:
+    """The stacked weights of `group`, e.g. [W_q; W_k; W_v] for "qkv" (a copy, float64)."""
+    return torch.cat([p.weight.detach().to(torch.float64) for p in group_projections(layer, family, group)])
+
+
+def install_lowrank_shells(model: nn.Module, family: ModelFamily, layout: str, ranks: list[int]) -> None:
+    """Replace every unit of `layout` (e.g. each layer's joint q/k/v) by empty low-rank modules of the given ranks."""
     layers = decoder_layers(model, family)
-    if len(ranks) != len(layers):
-        raise ValueError(f"{len(ranks)} ranks for a model with {len(layers)} LM layers")
-    for layer, rank in zip(layers, ranks):
-        projections = qkv_projections(layer, family)
+    units = layout_units(layer_shapes(model, family), layout)
+    if len(ranks) != len(units):
+        raise ValueError(f"{len(ranks)} ranks for {len(units)} units ({layout!r} layout, {len(layers)} LM layers)")
+    for unit, rank in zip(units, ranks):
+        layer = layers[unit.layer]
+        projections = group_projections(layer, family, unit.group)
         reference = projections[0].weight
-        install_lowrank_qkv(
+        install_lowrank_group(
             attention_of(layer, family),
+            unit.group,
             projections,
             lambda which, module, layer=layer: set_projection(layer, family, which, module),
             rank=rank,
@@ -54,16 +63,17 @@ def install_lowrank_shells(model: nn.Module, family: ModelFamily, ranks: list[in
         )
 
 
-def apply_joint_factors(model: nn.Module, family: ModelFamily, factors: list[JointFactors]) -> None:
-    """Swap every LM layer's q/k/v for y_p = A_p (B x) + b_p, keeping the original biases."""
+def apply_factors(model: nn.Module, family: ModelFamily, layout: str, factors: list[JointFactors]) -> None:
+    """Swap every unit's projections for y_p = A_p (B x) + b_p (one `factors` entry per unit), keeping biases."""
     layers = decoder_layers(model, family)
-    biases = [[p.bias for p in qkv_projections(layer, family)] for layer in layers]
-    install_lowrank_shells(model, family, [len(f.indices) for f in factors])
+    units = layout_units(layer_shapes(model, family), layout)
+    biases = [[p.bias for p in group_projections(layers[u.layer], family, u.group)] for u in units]
+    install_lowrank_shells(model, family, layout, [len(f.indices) for f in factors])
     with torch.no_grad():
-        for layer, layer_factors, layer_biases in zip(layers, factors, biases):
-            new = qkv_projections(layer, family)
-            new[0].down.weight.copy_(layer_factors.down)
-            for up, a, bias in zip(new, layer_factors.up, layer_biases):
+        for unit, unit_factors, unit_biases in zip(units, factors, biases):
+            new = group_projections(layers[unit.layer], family, unit.group)
+            new[0].down.weight.copy_(unit_factors.down)
+            for up, a, bias in zip(new, unit_factors.up, unit_biases):
                 up.weight.copy_(a)
                 if bias is not None:
                     up.bias.copy_(bias)

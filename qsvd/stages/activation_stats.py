@@ -1,4 +1,8 @@
-"""Stage 3: per-channel statistics of the input of every LM attention block (prompt tokens only)."""
+"""Stage 3: statistics of the input of every LM attention block (prompt tokens only).
+
+Per-channel abs_mean and abs_max always; with `gram`, also XᵀX (float64) for SVD-LLM whitening,
+written to its own directory because it is E×E per layer and only whitening methods need it.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ STATISTICS = ("abs_mean", "abs_max")
 
 
 class ChannelStatistics:
-    """Running |x| mean and max per input channel, per layer, over every token seen."""
+    """Running |x| mean and max per input channel (and optionally XᵀX), per layer, over every token seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, gram: bool = False) -> None:
         self.abs_sum: dict[int, torch.Tensor] = {}
         self.abs_max: dict[int, torch.Tensor] = {}
+        self.gram: dict[int, torch.Tensor] | None = {} if gram else None
         self.tokens: dict[int, int] = {}
 
     def record(self, layer: int, x: torch.Tensor) -> None:
@@ -32,6 +37,11 @@ class ChannelStatistics:
             self.abs_sum[layer] = torch.zeros(flat.shape[1], dtype=torch.float64)
             self.abs_max[layer] = torch.zeros(flat.shape[1], dtype=torch.float64)
             self.tokens[layer] = 0
+            if self.gram is not None:
+                self.gram[layer] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+        if self.gram is not None:
+            signed = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            self.gram[layer] += signed.T @ signed
         self.abs_sum[layer] += flat.sum(0)
         self.abs_max[layer] = torch.maximum(self.abs_max[layer], flat.max(0).values)
         self.tokens[layer] += flat.shape[0]
@@ -41,16 +51,18 @@ class ChannelStatistics:
         for layer in sorted(self.tokens):
             out[f"layer.{layer}.abs_mean"] = (self.abs_sum[layer] / self.tokens[layer]).float()
             out[f"layer.{layer}.abs_max"] = self.abs_max[layer].float()
+            if self.gram is not None:
+                out[f"layer.{layer}.gram"] = self.gram[layer]
         return out
 
 
 def run_activation_stats(
-    model_source: str, family: str, data_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32
+    model_source: str, family: str, data_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, gram: bool = False
 ) -> Path:
-    """Forward every calibration prompt and store abs_mean / abs_max per LM layer."""
+    """Forward every calibration prompt and store abs_mean / abs_max (and XᵀX with `gram`) per LM layer."""
     model, processor = open_model(model_source, family, dtype)
     adapter = family_by_name(family)
-    stats = ChannelStatistics()
+    stats = ChannelStatistics(gram)
     with torch.no_grad(), attention_inputs(model, adapter, stats.record):
         batches = calibration_batches(processor, adapter, data_dir, with_answer=False)
         for batch in tqdm(batches, total=count_records(data_dir), desc="activation statistics"):
@@ -59,7 +71,7 @@ def run_activation_stats(
         raise ValueError(f"no calibration samples in {data_dir}")
     manifest = provenance(
         "activation_stats",
-        {"model_source": str(model_source), "family": family, "data_dir": str(data_dir), "dtype": str(dtype)},
+        {"model_source": str(model_source), "family": family, "data_dir": str(data_dir), "dtype": str(dtype), "gram": gram},
     )
     manifest["layers"] = [{"layer": l, "tokens": stats.tokens[l]} for l in sorted(stats.tokens)]
     return write_artefact(out_dir, stats.tensors(), manifest)

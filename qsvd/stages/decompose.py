@@ -1,57 +1,100 @@
-"""Stage 4: thin SVD of every LM layer's scaled joint QKV matrix, reused by every budget and β."""
+"""Stage 4: thin SVD of every decomposed unit (e.g. each layer's joint QKV), reused by every budget and β."""
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from qsvd.artefacts import provenance, read_artefact, write_artefact
-from qsvd.math.cost import LayerShape
-from qsvd.math.decompose import ScaledSVD, activation_scale, scaled_svd
+from qsvd.math.cost import LayerShape, Unit, layout_units
+from qsvd.math.decompose import ScaledSVD, activation_scale, scaled_svd, whitening
+from qsvd.methods import INPUT_TRANSFORMS, LAYOUTS
 from qsvd.models.checkpoint import open_model
 from qsvd.models.registry import decoder_layers, family_by_name
-from qsvd.models.surgery import joint_qkv_weight, layer_shapes
+from qsvd.models.surgery import group_weight, layer_shapes
 
-SCALINGS = ("abs_mean", "abs_max", "none")
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """What `run_decompose` wrote: the layout, the layer shapes, and one SVD per unit (float64)."""
+
+    layout: str
+    shapes: list[LayerShape]
+    units: list[Unit]
+    svds: list[ScaledSVD]
+    manifest: dict
+
+
+def input_transform(stats: dict[str, torch.Tensor], layer: int, transform: str, alpha: float, damping: float) -> torch.Tensor:
+    """T of one layer: s (diagonal scaling from abs statistics), ones for "none", or S (whitening)."""
+    if transform == "whiten":
+        key = f"layer.{layer}.gram"
+        if key not in stats:
+            raise ValueError("whitening needs XᵀX: run the statistics stage with --gram (the `input_gram` rule)")
+        return whitening(stats[key], damping)
+    if transform == "none":
+        return torch.ones(stats[f"layer.{layer}.abs_mean"].shape[0], dtype=torch.float64)
+    return activation_scale(stats[f"layer.{layer}.{transform}"], alpha)
 
 
 def run_decompose(
-    model_source: str, family: str, stats_dir: Path, scaling: str, alpha: float, out_dir: Path
+    model_source: str,
+    family: str,
+    stats_dir: Path,
+    layout: str,
+    transform: str,
+    alpha: float,
+    out_dir: Path,
+    damping: float = 0.01,
 ) -> Path:
-    """Store U, σ, V and the scaling s of W·diag(s) = UΣVᵀ per layer (float32), plus layer shapes."""
-    if scaling not in SCALINGS:
-        raise ValueError(f"svd.scaling {scaling!r} is not one of {SCALINGS}")
+    """Store T per layer and U, σ, V of W_g·T per unit g of `layout` (float32), plus the layer shapes."""
+    if transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"input transform {transform!r} is not one of {INPUT_TRANSFORMS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}")
     model, _ = open_model(model_source, family, torch.float32)
     adapter = family_by_name(family)
     stats, _ = read_artefact(stats_dir)
-    tensors = {}
     layers = decoder_layers(model, adapter)
-    for index, layer in enumerate(tqdm(layers, desc="joint QKV SVD")):
-        weight = joint_qkv_weight(layer, adapter)
-        if scaling == "none":
-            scale = torch.ones(weight.shape[1], dtype=torch.float64)
-        else:
-            scale = activation_scale(stats[f"layer.{index}.{scaling}"], alpha)
-        svd = scaled_svd(weight, scale)
-        for name, value in dataclasses.asdict(svd).items():
-            tensors[f"layer.{index}.{name}"] = value.float()
+    shapes = layer_shapes(model, adapter)
+    tensors, transforms = {}, {}
+    for unit in tqdm(layout_units(shapes, layout), desc=f"{layout} SVD"):
+        if unit.layer not in transforms:
+            transforms[unit.layer] = input_transform(stats, unit.layer, transform, alpha, damping)
+            tensors[f"layer.{unit.layer}.transform"] = transforms[unit.layer]  # float64: B carries its inverse
+        svd = scaled_svd(group_weight(layers[unit.layer], adapter, unit.group), transforms[unit.layer])
+        for name in ("u", "sigma", "v"):
+            tensors[f"{unit.name}.{name}"] = getattr(svd, name).float()
     manifest = provenance(
         "decompose",
-        {"model_source": str(model_source), "family": family, "stats_dir": str(stats_dir), "scaling": scaling, "alpha": alpha},
+        {
+            "model_source": str(model_source),
+            "family": family,
+            "stats_dir": str(stats_dir),
+            "layout": layout,
+            "transform": transform,
+            "alpha": alpha,
+            "damping": damping,
+        },
     )
-    manifest["layers"] = [dataclasses.asdict(s) for s in layer_shapes(model, adapter)]
+    manifest.update(layout=layout, layers=[vars(s) for s in shapes])
     return write_artefact(out_dir, tensors, manifest)
 
 
-def read_decomposition(directory: Path) -> tuple[list[ScaledSVD], list[LayerShape], dict]:
-    """The per-layer SVDs (float64) and layer shapes written by `run_decompose`."""
+def read_decomposition(directory: Path) -> Decomposition:
+    """The decomposition written by `run_decompose`, tensors in float64."""
     tensors, manifest = read_artefact(directory)
     shapes = [LayerShape(**layer) for layer in manifest["layers"]]
+    units = layout_units(shapes, manifest["layout"])
     svds = [
-        ScaledSVD(**{f.name: tensors[f"layer.{i}.{f.name}"].to(torch.float64) for f in dataclasses.fields(ScaledSVD)})
-        for i in range(len(shapes))
+        ScaledSVD(
+            **{name: tensors[f"{u.name}.{name}"].to(torch.float64) for name in ("u", "sigma", "v")},
+            scale=tensors[f"layer.{u.layer}.transform"].to(torch.float64),
+        )
+        for u in units
     ]
-    return svds, shapes, manifest
+    return Decomposition(manifest["layout"], shapes, units, svds, manifest)

@@ -10,7 +10,7 @@ from qsvd.artefacts import provenance
 from qsvd.math.decompose import joint_factors
 from qsvd.models.checkpoint import LOWRANK_STAGE, open_model, save_lowrank_checkpoint
 from qsvd.models.registry import family_by_name
-from qsvd.models.surgery import apply_joint_factors
+from qsvd.models.surgery import apply_factors
 from qsvd.stages.decompose import read_decomposition
 from qsvd.stages.rank_plan import read_plan
 
@@ -18,16 +18,18 @@ from qsvd.stages.rank_plan import read_plan
 def run_lowrank_model(
     model_source: str, family: str, decomposition_dir: Path, plan_path: Path, beta: float, out_dir: Path
 ) -> Path:
-    """B = diag(σ_I^β) V_Iᵀ diag(s)^-1 shared, A_p = U_{p,I} diag(σ_I^(1-β)); original biases kept."""
+    """Per unit: B = diag(σ_I^β) V_Iᵀ T⁻¹ shared, A_p = U_{p,I} diag(σ_I^(1-β)); original biases kept."""
     model, processor = open_model(model_source, family, torch.float32)
     adapter = family_by_name(family)
-    svds, shapes, _ = read_decomposition(decomposition_dir)
+    decomposition = read_decomposition(decomposition_dir)
     kept, plan = read_plan(plan_path)
+    if plan["layout"] != decomposition.layout:
+        raise ValueError(f"plan {plan_path} is for the {plan['layout']!r} layout, {decomposition_dir} is {decomposition.layout!r}")
     factors = [
-        joint_factors(svd, indices, beta, [shape.q_out, shape.k_out, shape.v_out])
-        for svd, indices, shape in zip(svds, kept, shapes)
+        joint_factors(svd, indices, beta, [unit.shape.out(p) for p in unit.group])
+        for svd, indices, unit in zip(decomposition.svds, kept, decomposition.units)
     ]
-    apply_joint_factors(model, adapter, factors)
+    apply_factors(model, adapter, decomposition.layout, factors)
     manifest = provenance(
         LOWRANK_STAGE,
         {
@@ -42,6 +44,7 @@ def run_lowrank_model(
         family=family,
         beta=beta,
         cost=plan["cost"],
-        layers=[{"layer": l["layer"], "rank": l["rank"], "caches": l["caches"]} for l in plan["layers"]],
+        layout=plan["layout"],
+        units=[{k: u[k] for k in ("layer", "group", "rank", "caches")} for u in plan["units"]],
     )
     return save_lowrank_checkpoint(model, processor, out_dir, manifest)

@@ -1,4 +1,4 @@
-"""Stage 6: per-layer kept singular indices for one budget, with the plan's cost line."""
+"""Stage 6: the kept singular indices of every unit for one budget, with the plan's cost line."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 from qsvd.artefacts import provenance, read_artefact, read_json, write_json
 from qsvd.math.allocate import allocate_by_importance, allocate_uniform
 from qsvd.math.cost import BUDGET_KINDS, budget_measure, plan_cost
+from qsvd.methods import ALLOCATIONS
 from qsvd.stages.decompose import read_decomposition
-
-ALLOCATIONS = ("importance", "uniform")
 
 
 def run_rank_plan(
@@ -24,24 +23,28 @@ def run_rank_plan(
     r_min: int,
     out_path: Path,
 ) -> Path:
-    """Allocate ranks so that the plan's `budget_kind` measure is at most `budget`; write plan JSON."""
+    """Allocate ranks to every unit so that the plan's `budget_kind` measure is at most `budget`; write plan JSON."""
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"rank.allocation {allocation!r} is not one of {ALLOCATIONS}")
+        raise ValueError(f"rank allocation {allocation!r} is not one of {ALLOCATIONS}")
     if budget_kind not in BUDGET_KINDS:
         raise ValueError(f"rank.budget_kind {budget_kind!r} is not one of {BUDGET_KINDS}")
-    svds, shapes, _ = read_decomposition(decomposition_dir)
-    r_max = [s.max_rank for s in shapes]
+    decomposition = read_decomposition(decomposition_dir)
+    units = decomposition.units
     if allocation == "importance":
         if importance_dir is None:
-            raise ValueError("rank.allocation 'importance' needs the importance stage's output")
+            raise ValueError("rank allocation 'importance' needs the importance stage's output")
         tensors, _ = read_artefact(importance_dir)
-        scores = [tensors[f"layer.{i}.importance"] for i in range(len(shapes))]
+        scores = [tensors[f"{u.name}.importance"] for u in units]
     else:
-        scores = [svd.sigma for svd in svds]
+        scores = [svd.sigma for svd in decomposition.svds]
     allocate = allocate_by_importance if allocation == "importance" else allocate_uniform
-    kept = allocate(scores, budget_measure(shapes, budget_kind), budget, r_min, r_max)
+    measure = budget_measure(decomposition.shapes, budget_kind, decomposition.layout)
+    try:
+        kept = allocate(scores, measure, budget, r_min, [u.max_rank for u in units])
+    except ValueError as error:
+        raise ValueError(f"{decomposition.layout!r} layout, {budget_kind} budget {budget:g}: {error}") from None
     ranks = [len(k) for k in kept]
-    cost = plan_cost(shapes, ranks)
+    cost = plan_cost(decomposition.shapes, ranks, decomposition.layout)
     plan = provenance(
         "rank_plan",
         {
@@ -53,21 +56,24 @@ def run_rank_plan(
             "r_min": r_min,
         },
     )
+    plan["layout"] = decomposition.layout
     plan["cost"] = dataclasses.asdict(cost)
-    plan["layers"] = [
+    plan["units"] = [
         {
-            "layer": i,
+            "layer": u.layer,
+            "group": u.group,
             "rank": len(k),
-            "max_rank": shape.max_rank,
-            "caches": "latent" if shape.caches_latent(len(k)) else "kv",
+            "max_rank": u.max_rank,
+            "caches": u.caches(len(k)),
             "indices": k.tolist(),
         }
-        for i, (k, shape) in enumerate(zip(kept, shapes))
+        for u, k in zip(units, kept)
     ]
     write_json(out_path, plan)
     return Path(out_path)
 
 
 def read_plan(path: Path) -> tuple[list[torch.Tensor], dict]:
+    """(kept singular indices per unit, the plan)."""
     plan = read_json(path)
-    return [torch.tensor(layer["indices"], dtype=torch.long) for layer in plan["layers"]], plan
+    return [torch.tensor(unit["indices"], dtype=torch.long) for unit in plan["units"]], plan

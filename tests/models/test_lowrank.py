@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from qsvd.math.decompose import joint_factors, scaled_svd, stack_weights
-from qsvd.models.lowrank import install_lowrank_qkv
+from qsvd.models.lowrank import install_lowrank_group
 
 pytestmark = pytest.mark.unit
 
@@ -25,8 +25,9 @@ def _lowrank_copy(attention, rank):
     svd = scaled_svd(w, torch.ones(w.shape[1], dtype=torch.float64))
     factors = joint_factors(svd, torch.arange(rank), 0.5, [p.out_features for p in projections])
     biases = [p.bias for p in projections]
-    down, ups = install_lowrank_qkv(
+    down, ups = install_lowrank_group(
         attention,
+        "qkv",
         projections,
         lambda which, module: setattr(attention, f"{which}_proj", module),
         rank=rank,

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 from qsvd.config import ConfigError, load_config, looks_like_path
+from qsvd.methods import method_by_name
 from qsvd.models.hub import HubUnreachableError, check_hub_model
 from qsvd.stages import STAGE_VERSIONS
 
@@ -19,14 +20,20 @@ QSVD = f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} python -m qsvd.cli"
 MODEL = CFG.model.name
 RESULTS = f"results/{MODEL}"
 DATASETS = {d.key: d for d in (CFG.calibration, *CFG.evaluation.tasks)}
-BUDGETS = {CFG.rank.key(b): b for b in CFG.rank.budgets}
+METHODS = [method_by_name(m) for m in CFG.methods]
 CALIB = f"calib~{CFG.calibration.key}"
-SVD = f"{RESULTS}/{CALIB}/svd~{CFG.svd.key}"
+# One decomposition per (layout, transform); methods that differ only in allocation share it.
+DECOMPOSITIONS = {CFG.svd.key(m): m for m in METHODS}
+# Every compressed model: (decomposition key, rank key) -> (method, budget).
+LEAVES = {(CFG.svd.key(m), CFG.rank.key(b, m)): (m, b) for m in METHODS for b in CFG.rank.budgets}
+SVD = f"{RESULTS}/{CALIB}/svd~{{svd}}"  # the {svd} wildcard: a key of DECOMPOSITIONS
 FACTORS = f"factors~{CFG.factors.key}"
+NEEDS_GRAM = any(m.transform == "whiten" for m in METHODS)
 
 
 wildcard_constraints:
     dataset="[^/~]+",
+    svd="[^/~]+",
     rank="[^/~]+",
 
 
@@ -52,22 +59,39 @@ def dataset_args(wildcards):
     return args
 
 
-def budget_of(wildcards):
-    return BUDGETS[wildcards.rank]
+def leaf(wildcards):
+    """(method, budget) of the compressed model named by the {svd} and {rank} wildcards."""
+    key = (wildcards.svd, wildcards.rank)
+    if key not in LEAVES:
+        raise WorkflowError(f"no method and budget of the config give svd~{key[0]}/rank~{key[1]}")
+    return LEAVES[key]
 
 
-def eval_labels(method, rank=None):
-    labels = {"model": MODEL, "method": method, "seed": CFG.calibration.seed}
-    if rank is None:
+def decomposition_method(wildcards):
+    if wildcards.svd not in DECOMPOSITIONS:
+        raise WorkflowError(f"no method of the config uses the decomposition svd~{wildcards.svd}")
+    return DECOMPOSITIONS[wildcards.svd]
+
+
+def decomposition_stats(wildcards):
+    """Whitening reads XᵀX (the `input_gram` rule), diagonal scalings the abs statistics."""
+    return f"{RESULTS}/{CALIB}/{'gram' if decomposition_method(wildcards).transform == 'whiten' else 'stats'}"
+
+
+def eval_labels(method=None, budget=None):
+    """The labels an evaluation result carries: model, method, seed and, when compressed, the budget."""
+    labels = {"model": MODEL, "method": method.name if method else "uncompressed", "seed": CFG.calibration.seed}
+    if method is None:
         labels.update(budget="full", budget_kind="none", budget_value=1.0)
     else:
         labels.update(
-            budget=f"{CFG.rank.budget_kind}={BUDGETS[rank]:g}",
+            budget=f"{CFG.rank.budget_kind}={budget:g}",
             budget_kind=CFG.rank.budget_kind,
-            budget_value=BUDGETS[rank],
-            allocation=CFG.rank.allocation,
+            budget_value=budget,
+            allocation=method.allocation,
+            layout=method.layout,
+            transform=CFG.svd.transform(method),
             beta=CFG.factors.beta,
-            scaling=CFG.svd.scaling,
             alpha=CFG.svd.alpha,
         )
     return json.dumps(labels, sort_keys=True)
@@ -76,7 +100,9 @@ def eval_labels(method, rank=None):
 def evaluation_results():
     tasks = [t.key for t in CFG.evaluation.tasks]
     uncompressed = [f"{RESULTS}/uncompressed/eval/{t}.json" for t in tasks]
-    compressed = [f"{SVD}/rank~{r}/{FACTORS}/eval/{t}.json" for r in BUDGETS for t in tasks]
+    compressed = [
+        f"{RESULTS}/{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}/eval/{t}.json" for svd, rank in LEAVES for t in tasks
+    ]
     return uncompressed + compressed
 
 

@@ -23,17 +23,44 @@ rule activation_stats:
         " --data {input.data} --dtype {params.dtype} --out {output} 2> {log}"
 
 
+rule input_gram:
+    input:
+        model_input,
+        data=f"results/data/{CFG.calibration.key}",
+    output:
+        directory(f"{RESULTS}/{CALIB}/gram"),
+    params:
+        model=model_source(),
+        family=CFG.model.family,
+        dtype=CFG.model.dtype,
+        version=STAGE_VERSIONS["activation_stats"],
+    log:
+        f"{RESULTS}/logs/{CALIB}/gram.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{CALIB}/gram.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=16000,
+    conda:
+        "../../envs/qsvd.yaml"
+    shell:
+        "{QSVD} --threads {threads} stats --gram --model {params.model} --family {params.family}"
+        " --data {input.data} --dtype {params.dtype} --out {output} 2> {log}"
+
+
 rule decompose:
     input:
         model_input,
-        stats=rules.activation_stats.output[0],
+        stats=decomposition_stats,
     output:
         directory(f"{SVD}/decomposition"),
     params:
         model=model_source(),
         family=CFG.model.family,
-        scaling=CFG.svd.scaling,
+        layout=lambda wildcards: decomposition_method(wildcards).layout,
+        transform=lambda wildcards: CFG.svd.transform(decomposition_method(wildcards)),
         alpha=CFG.svd.alpha,
+        damping=CFG.svd.damping,
         version=STAGE_VERSIONS["decompose"],
     log:
         f"{SVD}/logs/decompose.log",
@@ -46,7 +73,8 @@ rule decompose:
         "../../envs/qsvd.yaml"
     shell:
         "{QSVD} --threads {threads} decompose --model {params.model} --family {params.family}"
-        " --stats {input.stats} --scaling {params.scaling} --alpha {params.alpha} --out {output} 2> {log}"
+        " --stats {input.stats} --layout {params.layout} --transform {params.transform}"
+        " --alpha {params.alpha} --damping {params.damping} --out {output} 2> {log}"
 
 
 rule importance:
@@ -77,16 +105,16 @@ rule importance:
 rule rank_plan:
     input:
         decomposition=rules.decompose.output[0],
-        importance=rules.importance.output[0] if CFG.rank.allocation == "importance" else [],
+        importance=lambda wildcards: (
+            expand(rules.importance.output[0], svd=wildcards.svd) if leaf(wildcards)[0].allocation == "importance" else []
+        ),
     output:
         f"{SVD}/rank~{{rank}}/plan.json",
     params:
-        importance=(
-            f"--importance {rules.importance.output[0]}" if CFG.rank.allocation == "importance" else ""
-        ),
-        allocation=CFG.rank.allocation,
+        importance=lambda wildcards, input: f"--importance {input.importance}" if input.importance else "",
+        allocation=lambda wildcards: leaf(wildcards)[0].allocation,
         budget_kind=CFG.rank.budget_kind,
-        budget=budget_of,
+        budget=lambda wildcards: leaf(wildcards)[1],
         r_min=CFG.rank.r_min,
         version=STAGE_VERSIONS["rank_plan"],
     log:

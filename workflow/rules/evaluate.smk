@@ -9,7 +9,7 @@ rule evaluate_uncompressed:
         family=CFG.model.family,
         dtype=CFG.model.dtype,
         max_new_tokens=CFG.evaluation.max_new_tokens,
-        labels=eval_labels("uncompressed"),
+        labels=eval_labels(),
         version=STAGE_VERSIONS["evaluate"],
     log:
         f"{RESULTS}/logs/uncompressed/eval/{{dataset}}.log",
@@ -36,7 +36,7 @@ rule evaluate_lowrank:
         family=CFG.model.family,
         dtype=CFG.model.dtype,
         max_new_tokens=CFG.evaluation.max_new_tokens,
-        labels=lambda wildcards: eval_labels("qsvd" if CFG.rank.allocation == "importance" else "joint-uniform", wildcards.rank),
+        labels=lambda wildcards: eval_labels(*leaf(wildcards)),
         version=STAGE_VERSIONS["evaluate"],
     log:
         f"{SVD}/logs/rank~{{rank}}/{FACTORS}/eval/{{dataset}}.log",
