@@ -117,6 +117,7 @@ class QsvdConfig:
     factors: FactorsConfig
     demo: DemoConfig = field(default_factory=DemoConfig)
     methods: tuple[str, ...] = ("qsvd",)
+    report_name: str = "report"
 
 
 def _build(cls, data: Any, where: str):

@@ -28,6 +28,7 @@ DECOMPOSITIONS = {CFG.svd.key(m): m for m in METHODS}
 LEAVES = {(CFG.svd.key(m), CFG.rank.key(b, m)): (m, b) for m in METHODS for b in CFG.rank.budgets}
 SVD = f"{RESULTS}/{CALIB}/svd~{{svd}}"  # the {svd} wildcard: a key of DECOMPOSITIONS
 FACTORS = f"factors~{CFG.factors.key}"
+REPORT = f"{RESULTS}/{CFG.report_name}"
 NEEDS_GRAM = any(m.transform == "whiten" for m in METHODS)
 
 
@@ -107,4 +108,4 @@ def evaluation_results():
 
 
 def report_outputs():
-    return [f"{RESULTS}/report/results.csv", f"{RESULTS}/report/tables.md", f"{RESULTS}/report/tradeoff.png"]
+    return [f"{REPORT}/results.csv", f"{REPORT}/tables.md", f"{REPORT}/tradeoff.png"]

@@ -2,15 +2,15 @@ rule report:
     input:
         evaluation_results(),
     output:
-        csv=report(f"{RESULTS}/report/results.csv", category="Results"),
-        markdown=report(f"{RESULTS}/report/tables.md", category="Results"),
-        plot=report(f"{RESULTS}/report/tradeoff.png", category="Results"),
+        csv=report(report_outputs()[0], category="Results"),
+        markdown=report(report_outputs()[1], category="Results"),
+        plot=report(report_outputs()[2], category="Results"),
     params:
         version=STAGE_VERSIONS["report"],
     log:
-        f"{RESULTS}/logs/report.log",
+        f"{RESULTS}/logs/{CFG.report_name}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/report.tsv"
+        f"{RESULTS}/benchmarks/{CFG.report_name}.tsv"
     threads: 1
     resources:
         mem_mb=2000,
