@@ -32,7 +32,7 @@ def _dry_run(workdir, configfile):
 
 
 def _rules(output: str) -> set[str]:
-    names = {"materialise_dataset", "demo_model", "activation_stats", "decompose", "importance",
+    names = {"materialise_dataset", "demo_model", "activation_stats", "input_gram", "decompose", "importance",
              "rank_plan", "lowrank_model", "evaluate_uncompressed", "evaluate_lowrank", "report"}
     return {line.split()[0] for line in output.splitlines() if line.split() and line.split()[0] in names}
 
@@ -51,9 +51,15 @@ def test_changing_only_beta_reruns_lowrank_model_onwards(finished_workdir, tmp_p
 
 def test_changing_calibration_size_reruns_statistics_onwards(finished_workdir, tmp_path):
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"calibration.num_samples": 5})))
-    assert rules == {"materialise_dataset", "activation_stats", "decompose", "importance",
+    assert rules == {"materialise_dataset", "activation_stats", "input_gram", "decompose", "importance",
                      "rank_plan", "lowrank_model", "evaluate_lowrank", "report"}
 
 
 def test_unchanged_config_has_nothing_to_do(finished_workdir, tmp_path):
     assert _rules(_dry_run(finished_workdir, _config(tmp_path))) == set()
+
+
+def test_adding_a_method_reuses_what_it_shares(finished_workdir, tmp_path):
+    """joint-uniform shares qsvd's decomposition: only its plans, models and scores are new."""
+    rules = _rules(_dry_run(finished_workdir, _config(tmp_path, methods=["qsvd", "svd-llm", "joint-uniform"])))
+    assert rules == {"rank_plan", "lowrank_model", "evaluate_lowrank", "report"}

@@ -4,6 +4,9 @@ import csv
 import json
 
 import pytest
+import torch
+
+from qsvd.artefacts import read_artefact
 
 from tests.workflow.conftest import REPO, snakemake
 
@@ -13,17 +16,19 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 def test_workflow_produces_the_report(finished_workdir):
     report = finished_workdir / "results" / "demo-test" / "report"
     rows = list(csv.DictReader((report / "results.csv").open()))
-    assert {r["method"] for r in rows} == {"uncompressed", "qsvd"}
-    assert sorted(float(r["R1"]) for r in rows if r["method"] == "qsvd") == sorted(
-        float(r["R1"]) for r in rows if r["method"] == "qsvd"
-    )
-    assert all(float(r["R1"]) <= float(r["budget_value"]) + 1e-9 for r in rows if r["method"] == "qsvd")
-    assert "qsvd" in (report / "tables.md").read_text()
+    assert {r["method"] for r in rows} == {"uncompressed", "qsvd", "svd-llm"}
+    for method in ("qsvd", "svd-llm"):
+        compressed = [r for r in rows if r["method"] == method]
+        assert len({r["R1"] for r in compressed}) == 2  # two budgets, two different plans
+        assert all(float(r["R1"]) <= float(r["budget_value"]) + 1e-9 for r in compressed)
+    assert "svd-llm" in (report / "tables.md").read_text()
     assert (report / "tradeoff.png").stat().st_size > 1000
-    plans = list((finished_workdir / "results" / "demo-test").glob("calib~*/svd~*/rank~*/plan.json"))
-    assert len(plans) == 2
-    plan = json.loads(plans[0].read_text())
-    assert plan["config"]["budget_kind"] == "R1" and plan["qsvd_version"] and plan["torch_version"]
+    results = finished_workdir / "results" / "demo-test"
+    plans = [json.loads(p.read_text()) for p in results.glob("calib~*/svd~*/rank~*/plan.json")]
+    assert len(plans) == 4 and sorted(plan["layout"] for plan in plans) == ["joint", "joint", "kv", "kv"]
+    assert plans[0]["config"]["budget_kind"] == "R1" and plans[0]["qsvd_version"] and plans[0]["torch_version"]
+    gram, manifest = read_artefact(next(results.glob("calib~*/gram")))  # XᵀX for svd-llm's whitening
+    assert manifest["config"]["gram"] and gram["layer.0.gram"].dtype == torch.float64
 
 
 def test_bad_config_stops_at_once_naming_the_key(tmp_path):
