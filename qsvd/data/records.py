@@ -1,7 +1,7 @@
 """The materialised dataset format shared by every stage.
 
 A dataset directory holds `samples.jsonl` (one `Record` per line), an `images/` folder of PNG
-files referenced by relative path, and a `manifest.json` with provenance.
+files referenced by relative path (question datasets only), and a `manifest.json` with provenance.
 """
 
 from __future__ import annotations
@@ -16,11 +16,16 @@ from qsvd.artefacts import atomic_write, read_json
 
 SAMPLES = "samples.jsonl"
 OPTION_LETTERS = "ABCDEFGHIJ"  # multiple-choice options are lettered A, B, C, ...
+QUESTION = "question"  # Record.kind: a question with gold answers (accuracy tasks)
+TEXT = "text"  # Record.kind: a passage of a text corpus in `question`, no answer (perplexity tasks)
 
 
 @dataclass(frozen=True)
 class Record:
-    """One question: `answer` is the canonical gold answer, `answers` every reference answer."""
+    """One question (`answer` the canonical gold answer, `answers` every reference) or one text passage.
+
+    A record of kind TEXT holds its passage in `question` and has an empty `answer`.
+    """
 
     id: str
     task: str
@@ -29,6 +34,11 @@ class Record:
     answers: list[str] = field(default_factory=list)
     choices: list[str] | None = None
     image: str | None = None
+    kind: str = QUESTION
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind == TEXT
 
     def load_image(self, root: str | Path) -> Image.Image | None:
         if self.image is None:

@@ -17,6 +17,7 @@ from qsvd.models.registry import ModelFamily
 
 IGNORE_INDEX = -100
 PLAIN_TEXT_PROMPT = "Question: {question}\nAnswer:"
+TEXT_TOKENS = 256  # tokens of a text-corpus passage used for calibration and perplexity
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -104,6 +105,22 @@ def encode_with_answer(
             batch[key] = torch.cat([value, torch.full(answer_ids.shape, fill, dtype=value.dtype)], dim=1)
     batch["input_ids"] = torch.cat([prompt_ids, answer_ids], dim=1)
     batch["labels"] = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids], dim=1)
+    return batch
+
+
+def encode_text(processor: Any, text: str, with_labels: bool, max_tokens: int = TEXT_TOKENS) -> BatchFeature:
+    """A batch of one text passage, no chat template, cut to its first `max_tokens` tokens.
+
+    With labels, `labels` equals `input_ids` (unshifted: the model shifts once), so the loss is
+    next-token cross-entropy over every token of the passage.
+    """
+    tokenizer = tokenizer_of(processor)
+    batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)
+    if batch["input_ids"].shape[1] < 2:
+        raise ValueError(f"text passage {text[:40]!r} has fewer than 2 tokens: nothing to predict")
+    batch = BatchFeature(dict(batch))
+    if with_labels:
+        batch["labels"] = batch["input_ids"].clone()
     return batch
 
 

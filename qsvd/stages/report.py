@@ -1,7 +1,8 @@
 """Stage 9 (report): one tidy CSV of every result, markdown tables (methods × budgets) and trade-off plots.
 
-Reads only the evaluate stage's result JSON files. Scores are in [0, 1] in the CSV and in percent
-in the tables and plots; R1 (parameter/FLOP share of QKV) and R2 (KV-cache share) likewise.
+Reads only the evaluate stage's result JSON files. Accuracy scores are in [0, 1] in the CSV and in
+percent in the tables and plots; perplexity (lower is better) is shown as it is. R1 (parameter/FLOP
+share of QKV) and R2 (KV-cache share) are in [0, 1] in the CSV and in percent elsewhere.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 COLUMNS = ["model", "method", "budget", "budget_kind", "budget_value", "R1", "R2", "seed", "task", "metric", "score", "num_samples", "quantization"]
 NUMERIC = ("R1", "R2", "score")
 UNCOMPRESSED = "uncompressed"
+LOWER_IS_BETTER = ("perplexity",)  # metrics shown as they are; every other metric is a share, shown in %
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric in LOWER_IS_BETTER else 100.0
+
+
+def _metric_label(metric: str) -> str:
+    return f"{metric}, lower is better" if metric in LOWER_IS_BETTER else f"{metric}, %"
 
 
 def read_results(result_files: list[Path]) -> list[dict]:
@@ -79,8 +89,8 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def _cell(rows: list[dict]) -> str:
-    """'score (R1/R2)' in percent; 'mean ± std' over seeds when there are several."""
-    mean, std = _mean_std([100 * r["score"] for r in rows])
+    """'score (R1/R2)', R1 and R2 in percent; 'mean ± std' over seeds when there are several."""
+    mean, std = _mean_std([_scale(r["metric"]) * r["score"] for r in rows])
     score = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
     r1, r2 = (statistics.fmean(100 * r[k] for r in rows) for k in ("R1", "R2"))
     return f"{score} ({r1:.1f}/{r2:.1f})"
@@ -96,7 +106,7 @@ def markdown_tables(rows: list[dict]) -> str:
         cells: dict[tuple, list[dict]] = defaultdict(list)
         for r in group:
             cells[(_series_label(r, several), r["budget"])].append(r)
-        parts.append(f"## {model}: {task} ({group[0]['metric']}, %)\n")
+        parts.append(f"## {model}: {task} ({_metric_label(group[0]['metric'])})\n")
         parts.append("| method | " + " | ".join(map(str, budgets)) + " |")
         parts.append("|---" * (len(budgets) + 1) + "|")
         for label in labels:
@@ -133,7 +143,7 @@ def _plot(rows: list[dict], plot_path: Path) -> None:
                 series[_series_label(r, several)][r["budget"]].append(r)
             for label, by_budget in series.items():
                 points = sorted(
-                    (statistics.fmean(100 * r[measure] for r in runs), *_mean_std([100 * r["score"] for r in runs]))
+                    (statistics.fmean(100 * r[measure] for r in runs), *_mean_std([_scale(r["metric"]) * r["score"] for r in runs]))
                     for runs in by_budget.values()
                 )
                 if next(iter(by_budget.values()))[0]["method"] == UNCOMPRESSED:
@@ -142,7 +152,9 @@ def _plot(rows: list[dict], plot_path: Path) -> None:
                 xs, ys, stds = zip(*points)
                 ax.errorbar(xs, ys, yerr=[s or 0.0 for s in stds], marker="o", capsize=3, label=label)
             ax.set_xlabel(f"{measure} (%)")
-            ax.set_ylabel(f"{group[0]['metric']} (%)")
+            ax.set_ylabel(_metric_label(group[0]["metric"]))
+            if group[0]["metric"] in LOWER_IS_BETTER:
+                ax.set_yscale("log")  # perplexity grows multiplicatively under compression
             ax.set_title(f"{model}: {task}, {group[0]['metric']} vs {measure}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")

@@ -119,3 +119,13 @@ def test_errors_name_the_file_and_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json"):
         write_report([tmp_path / "missing.json"], *args)
     assert not out.exists()  # nothing written on error
+
+
+def test_perplexity_is_shown_as_it_is_and_labelled_lower_is_better(tmp_path):
+    text_results = [_result(**FULL, task="sotu", metric="perplexity", score=23.456), _result(task="sotu", metric="perplexity", score=31.5)]
+    out = _report(tmp_path, text_results + [_result(**FULL, score=0.9)])
+    text = (out / "tables.md").read_text()
+    assert "## demo: sotu (perplexity, lower is better)" in text and "## demo: easy-vqa (accuracy, %)" in text
+    assert "| uncompressed | 23.46 (100.0/100.0) |  |" in text and "| qsvd |  | 31.50 (66.7/25.0) |" in text
+    assert "| uncompressed | 90.00 (100.0/100.0) |" in text  # accuracy still in percent
+    assert (out / "tradeoff.png").stat().st_size > 0
