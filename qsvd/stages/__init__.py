@@ -7,6 +7,7 @@ to its code alters its numbers, so that Snakemake re-runs it and everything down
 STAGE_VERSIONS = {
     "data": 1,
     "demo_model": 1,
+    "export_smollm2": 1,
     "activation_stats": 1,
     "decompose": 2,
     "importance": 2,

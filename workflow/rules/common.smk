@@ -8,7 +8,7 @@ from qsvd.stages import STAGE_VERSIONS
 
 try:
     CFG = load_config(config)
-    if not CFG.model.is_demo and not looks_like_path(CFG.model.source):
+    if not CFG.model.is_built and not looks_like_path(CFG.model.source):
         check_hub_model(CFG.model.source)
 except (ConfigError, HubUnreachableError) as error:
     raise WorkflowError(f"invalid configuration: {error}") from None
@@ -39,12 +39,12 @@ wildcard_constraints:
 
 
 def model_input(wildcards=None):
-    """The demo checkpoint is a stage output; a hub id or local path is not tracked by Snakemake."""
-    return [f"{RESULTS}/model"] if CFG.model.is_demo else []
+    """A built checkpoint (demo, smollm2) is a stage output; a hub id or local path is not tracked by Snakemake."""
+    return [f"{RESULTS}/model"] if CFG.model.is_built else []
 
 
 def model_source():
-    return f"{RESULTS}/model" if CFG.model.is_demo else CFG.model.source
+    return f"{RESULTS}/model" if CFG.model.is_built else CFG.model.source
 
 
 def dataset_args(wildcards):

@@ -1,20 +1,44 @@
-rule demo_model:
-    output:
-        directory(f"{RESULTS}/model"),
-    params:
-        seed=CFG.demo.seed,
-        max_minutes=CFG.demo.max_minutes,
-        recipe=json.dumps(CFG.demo.recipe, sort_keys=True),
-        version=STAGE_VERSIONS["demo_model"],
-    log:
-        f"{RESULTS}/logs/demo_model.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/demo_model.tsv"
-    threads: workflow.cores
-    resources:
-        mem_mb=8000,
-    conda:
-        "../../envs/qsvd.yaml"
-    shell:
-        "{QSVD} --threads {threads} demo-model --seed {params.seed}"
-        " --max-minutes {params.max_minutes} --recipe '{params.recipe}' --out {output} 2> {log}"
+# One rule per built model.source (qsvd.config.BUILT_SOURCES), each writing results/<name>/model;
+# only the configured source's rule exists, so the output has one producer.
+if CFG.model.source == "demo":
+
+    rule demo_model:
+        output:
+            directory(f"{RESULTS}/model"),
+        params:
+            seed=CFG.demo.seed,
+            max_minutes=CFG.demo.max_minutes,
+            recipe=json.dumps(CFG.demo.recipe, sort_keys=True),
+            version=STAGE_VERSIONS["demo_model"],
+        log:
+            f"{RESULTS}/logs/demo_model.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/demo_model.tsv"
+        threads: workflow.cores
+        resources:
+            mem_mb=8000,
+        conda:
+            "../../envs/qsvd.yaml"
+        shell:
+            "{QSVD} --threads {threads} demo-model --seed {params.seed}"
+            " --max-minutes {params.max_minutes} --recipe '{params.recipe}' --out {output} 2> {log}"
+
+
+if CFG.model.source == "smollm2":
+
+    rule smollm2_model:
+        output:
+            directory(f"{RESULTS}/model"),
+        params:
+            version=STAGE_VERSIONS["export_smollm2"],
+        log:
+            f"{RESULTS}/logs/smollm2_model.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/smollm2_model.tsv"
+        threads: workflow.cores
+        resources:
+            mem_mb=4000,
+        conda:
+            "../../envs/qsvd.yaml"
+        shell:
+            "{QSVD} --threads {threads} export-smollm2 --out {output} 2> {log}"
