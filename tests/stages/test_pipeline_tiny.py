@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qsvd.artefacts import read_artefact, read_json
 from qsvd.data.records import Record, write_records
@@ -127,3 +128,19 @@ def test_an_unreachable_budget_names_the_layout(saved_tiny_model, dataset, tmp_p
     decomposition = run_decompose(str(source), "llava", stats, "kv", "abs_mean", 0.5, tmp_path / "svd")
     with pytest.raises(ValueError, match="'kv' layout, R1 budget 0.2"):  # Q dense alone costs 1/3
         run_rank_plan(decomposition, None, "uniform", "R1", 0.2, 1, tmp_path / "plan.json")
+
+
+def test_same_inputs_give_bit_identical_plans_and_factors(saved_tiny_model, dataset, tmp_path):
+    source, _, _ = saved_tiny_model("smolvlm", kv_heads=2)
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        stats = run_activation_stats(str(source), "smolvlm", dataset, out / "stats")
+        decomposition = run_decompose(str(source), "smolvlm", stats, "joint", "abs_mean", 0.5, out / "svd")
+        importance = run_importance(str(source), "smolvlm", decomposition, dataset, out / "importance")
+        plan = run_rank_plan(decomposition, importance, "importance", "R1", 0.6, 1, out / "plan.json")
+        checkpoint = run_lowrank_model(str(source), "smolvlm", decomposition, plan, 0.2, out / "model")
+        outputs.append((read_json(plan)["units"], load_file(checkpoint / "model.safetensors")))
+    (plan_a, weights_a), (plan_b, weights_b) = outputs
+    assert plan_a == plan_b
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
