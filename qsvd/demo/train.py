@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -104,6 +106,32 @@ def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _optimise(parameters: list[nn.Parameter], epoch_batches: Callable[[], Iterable], batch_loss: Callable[[Any], torch.Tensor],
+              total: int, lr: float, weight_decay: float, recipe: DemoRecipe, deadline: float, desc: str) -> tuple[int, float]:
+    """AdamW with warmup + cosine for `total` steps over `epoch_batches()` (one call per epoch), stopping
+    at `deadline`; returns (steps taken, last loss)."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    scheduler = _cosine_with_warmup(optimizer, total, recipe.warmup_fraction)
+    step, loss = 0, torch.tensor(float("nan"))
+    with tqdm(total=total, desc=desc, leave=False) as bar:
+        while step < total and time.monotonic() < deadline:
+            for batch in epoch_batches():
+                if step >= total or time.monotonic() >= deadline:
+                    break
+                loss = batch_loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                bar.update()
+                if step % 200 == 0:
+                    log.info("%s step %d/%d loss %.4f", desc, step, total, loss.item())
+    log.info("%s: %d/%d steps, last loss %.4f", desc, step, total, loss.item())
+    return step, loss.item()
+
+
 def patch_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
     """The vision features LLaVA feeds its projector: the configured layer, CLS dropped ("default")."""
     hidden = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
@@ -120,29 +148,20 @@ def pretrain_vision(model: LlavaForConditionalGeneration, pixels: torch.Tensor, 
         heads = nn.Linear(tower.config.hidden_size, len(SHAPES) + len(COLOURS))
     parameters = list(tower.parameters()) + list(heads.parameters())
     total = math.ceil(len(pixels) / recipe.vision_batch_size * recipe.vision_epochs)
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.vision_lr, weight_decay=recipe.vision_weight_decay, betas=(0.9, 0.98))
-    scheduler = _cosine_with_warmup(optimizer, total, recipe.warmup_fraction)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        logits = heads(patch_features(model, pixels[batch]))
+        target = labels[batch, None, :].expand(-1, logits.shape[1], -1)
+        loss = nn.functional.cross_entropy(logits[..., : len(SHAPES)].flatten(0, 1), target[..., 0].flatten())
+        return loss + nn.functional.cross_entropy(logits[..., len(SHAPES) :].flatten(0, 1), target[..., 1].flatten())
+
     model.train()
-    step, loss = 0, torch.tensor(float("nan"))
-    with tqdm(total=total, desc="vision pre-training", leave=False) as bar:
-        while step < total and time.monotonic() < deadline:
-            for batch in torch.randperm(len(pixels), generator=generator).split(recipe.vision_batch_size):
-                if step >= total or time.monotonic() >= deadline:
-                    break
-                logits = heads(patch_features(model, pixels[batch]))
-                target = labels[batch, None, :].expand(-1, logits.shape[1], -1)
-                loss = nn.functional.cross_entropy(logits[..., : len(SHAPES)].flatten(0, 1), target[..., 0].flatten())
-                loss = loss + nn.functional.cross_entropy(logits[..., len(SHAPES) :].flatten(0, 1), target[..., 1].flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.update()
+    step, loss = _optimise(
+        parameters, lambda: torch.randperm(len(pixels), generator=generator).split(recipe.vision_batch_size), batch_loss,
+        total, recipe.vision_lr, recipe.vision_weight_decay, recipe, deadline, "vision pre-training",
+    )
     model.eval()
-    log.info("vision pre-training: %d/%d steps, last loss %.4f", step, total, loss.item())
-    return {"vision_steps": step, "vision_steps_planned": total, "vision_final_loss": loss.item()}
+    return {"vision_steps": step, "vision_steps_planned": total, "vision_final_loss": loss}
 
 
 @dataclass(frozen=True)
@@ -209,31 +228,20 @@ def train_language(model: LlavaForConditionalGeneration, prompts: PromptBatch, f
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
     total = math.ceil(len(images) / recipe.lm_images_per_step * recipe.lm_epochs)
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.lm_lr, weight_decay=recipe.lm_weight_decay, betas=(0.9, 0.98))
-    scheduler = _cosine_with_warmup(optimizer, total, recipe.warmup_fraction)
+
+    def batch_loss(chosen: torch.Tensor) -> torch.Tensor:
+        owner = torch.tensor([j for j, i in enumerate(chosen.tolist()) for _ in questions_of[i]])
+        questions = torch.tensor([q for i in chosen.tolist() for q in questions_of[i]])
+        return shared_prefix_loss(model, prompts, features[chosen], owner, questions)
+
     model.train()
-    step, loss = 0, torch.tensor(float("nan"))
-    with tqdm(total=total, desc="language training", leave=False) as bar:
-        while step < total and time.monotonic() < deadline:
-            for chosen in images[torch.randperm(len(images), generator=generator)].split(recipe.lm_images_per_step):
-                if step >= total or time.monotonic() >= deadline:
-                    break
-                owner = torch.tensor([j for j, i in enumerate(chosen.tolist()) for _ in questions_of[i]])
-                questions = torch.tensor([q for i in chosen.tolist() for q in questions_of[i]])
-                loss = shared_prefix_loss(model, prompts, features[chosen], owner, questions)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.update()
-                if step % 200 == 0:
-                    log.info("language step %d/%d loss %.4f", step, total, loss.item())
+    step, loss = _optimise(
+        parameters, lambda: images[torch.randperm(len(images), generator=generator)].split(recipe.lm_images_per_step),
+        batch_loss, total, recipe.lm_lr, recipe.lm_weight_decay, recipe, deadline, "language training",
+    )
     model.requires_grad_(True)
     model.eval()
-    log.info("language training: %d/%d steps, last loss %.4f", step, total, loss.item())
-    return {"lm_steps": step, "lm_steps_planned": total, "lm_final_loss": loss.item()}
+    return {"lm_steps": step, "lm_steps_planned": total, "lm_final_loss": loss}
 
 
 @torch.no_grad()
