@@ -1,0 +1,157 @@
+"""Hadamard matrices and transforms of any order K·2^m with a known construction (method §3).
+
+Orders come from Sylvester (2^m), Paley I (q + 1, q prime ≡ 3 mod 4), Paley II (2(q + 1), q prime
+≡ 1 mod 4), and the Kronecker product of one Paley matrix with a Sylvester one: 12, 20, 28, 36, 44,
+60, 108, 140, ... times any 2^m.
+Where no construction is known here (e.g. SigLIP-so400m's 4304 = 16·269), callers use a
+seeded random orthogonal matrix instead (`rotation_matrix`). Transforms are pure PyTorch;
+`fast-hadamard-transform` is used for the 2^m factor on CUDA tensors when it is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+try:  # optional CUDA accelerator; never required
+    from fast_hadamard_transform import hadamard_transform as _cuda_power_of_two_transform
+except ImportError:  # pragma: no cover - depends on the machine
+    _cuda_power_of_two_transform = None
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _legendre_table(q: int) -> torch.Tensor:
+    """χ(a) for a in 0..q-1: 0 at 0, +1 on quadratic residues, -1 elsewhere (q an odd prime)."""
+    chi = -torch.ones(q, dtype=torch.float64)
+    chi[0] = 0
+    chi[sorted({(a * a) % q for a in range(1, q)})] = 1
+    return chi
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    index = torch.arange(q)
+    return _legendre_table(q)[(index[None, :] - index[:, None]) % q]
+
+
+def _paley_one(q: int) -> torch.Tensor:
+    """Order q + 1 (q prime, q ≡ 3 mod 4): H = I + S with S the skew conference matrix."""
+    skew = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    skew[0, 1:] = 1
+    skew[1:, 0] = -1
+    skew[1:, 1:] = _jacobsthal(q)
+    return torch.eye(q + 1, dtype=torch.float64) + skew
+
+
+def _paley_two(q: int) -> torch.Tensor:
+    """Order 2(q + 1) (q prime, q ≡ 1 mod 4) from the symmetric conference matrix C."""
+    conference = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    conference[0, 1:] = 1
+    conference[1:, 0] = 1
+    conference[1:, 1:] = _jacobsthal(q)
+    plus = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    zero = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(conference, plus) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+
+
+def _odd_construction(k: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order k from one Paley construction, or None."""
+    if k == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if _is_prime(k - 1) and (k - 1) % 4 == 3:
+        return _paley_one(k - 1)
+    if k % 2 == 0 and _is_prime(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
+        return _paley_two(k // 2 - 1)
+    return None
+
+
+def hadamard_factorisation(n: int) -> tuple[int, int] | None:
+    """(K, 2^m) with n = K·2^m, K the smallest order with a Paley construction; None if there is none."""
+    if n < 1:
+        raise ValueError(f"a Hadamard order must be positive, got {n}")
+    power = 1 << ((n & -n).bit_length() - 1)  # the largest power of two dividing n
+    while power >= 1:
+        if _odd_construction(n // power) is not None:
+            return n // power, power
+        power //= 2
+    return None
+
+
+def has_hadamard(n: int) -> bool:
+    return hadamard_factorisation(n) is not None
+
+
+@lru_cache(maxsize=None)
+def _sylvester(order: int) -> torch.Tensor:
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < order:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
+@lru_cache(maxsize=None)
+def _odd_factor(k: int) -> torch.Tensor:
+    matrix = _odd_construction(k)
+    assert matrix is not None
+    return matrix
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """The ±1 Hadamard matrix of order n (float64, H Hᵀ = n I) that `hadamard_transform` applies."""
+    factors = hadamard_factorisation(n)
+    if factors is None:
+        raise ValueError(f"no Hadamard construction of order {n} here; use rotation_matrix({n}, seed) instead")
+    k, power = factors
+    return torch.kron(_odd_factor(k), _sylvester(power)).clone()
+
+
+def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Sylvester transform along the last dimension (a power of two), in place of x @ H."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        pairs = x.reshape(*lead, n // (2 * h), 2, h)
+        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*lead, n)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """x @ H_n / √n along the last dimension (orthonormal; H_n = `hadamard_matrix(n)`)."""
+    n = x.shape[-1]
+    factors = hadamard_factorisation(n)
+    if factors is None:
+        raise ValueError(f"no Hadamard construction of order {n} here; use rotation_matrix({n}, seed) instead")
+    k, power = factors
+    lead = x.shape[:-1]
+    blocks = x.reshape(*lead, k, power)
+    if power > 1:
+        if _cuda_power_of_two_transform is not None and x.is_cuda:
+            blocks = _cuda_power_of_two_transform(blocks.contiguous())
+        else:
+            blocks = _walsh_hadamard(blocks)
+    if k > 1:
+        # (A ⊗ B) on rows: x @ (A ⊗ B) = vec(Aᵀ X B) with X the (k, power) view of x.
+        blocks = torch.einsum("ji,...jp->...ip", _odd_factor(k).to(x.dtype).to(x.device), blocks)
+    return blocks.reshape(*lead, n) / math.sqrt(n)
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """A Haar-random n×n orthogonal matrix (float64) from a seeded generator: QR with sign fix."""
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(n, n, dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:
+    """An orthonormal n×n rotation (float64) and its kind: the normalised Hadamard matrix where one is
+    constructible ("hadamard"), else a seeded random orthogonal matrix ("random")."""
+    if has_hadamard(n):
+        return hadamard_matrix(n) / math.sqrt(n), "hadamard"
+    return random_orthogonal(n, seed), "random"

@@ -1,0 +1,70 @@
+"""Hadamard constructions: orthogonal for every supported order, transform = explicit matrix."""
+
+import math
+
+import pytest
+import torch
+
+from qsvd.math.hadamard import (
+    hadamard_factorisation,
+    hadamard_matrix,
+    hadamard_transform,
+    random_orthogonal,
+    rotation_matrix,
+)
+
+# Orders the models need: demo (64, 128, 256), SmolLM2 (576 = 36·16, 1536 = 12·128), head dims,
+# SigLIP (1152 = 36·32), LLaVA (4096); and the paper's list of odd factors where constructible.
+MODEL_ORDERS = [64, 128, 256, 576, 1536, 1152, 4096]
+PAPER_FACTORS = [12, 20, 28, 36, 40, 60, 108, 140]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 12, 20, 24, 28, 36, 44, 48, 60, 68, 72, 76, 84, 108, 140, 576, 1536])
+def test_every_constructed_order_is_a_hadamard_matrix(n):
+    h = hadamard_matrix(n)
+    assert set(h.unique().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(h @ h.T, n * torch.eye(n, dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", MODEL_ORDERS + PAPER_FACTORS)
+def test_model_and_paper_orders_are_constructible(n):
+    k, power = hadamard_factorisation(n)
+    assert k * power == n and power & (power - 1) == 0
+
+
+def test_orders_without_a_construction_are_reported_not_faked():
+    assert hadamard_factorisation(4304) is None  # SigLIP-so400m's MLP width, 16·269
+    assert hadamard_factorisation(11008) == (5504, 2)  # LLaVA-1.5-7B's MLP width: Paley I with q = 5503
+    with pytest.raises(ValueError, match="rotation_matrix"):
+        hadamard_matrix(4304)
+    with pytest.raises(ValueError, match="rotation_matrix"):
+        hadamard_transform(torch.zeros(2, 4304))
+
+
+@pytest.mark.parametrize("n", [8, 12, 36, 576, 1536])
+def test_transform_equals_multiplication_by_the_normalised_matrix(n):
+    x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    expected = x @ hadamard_matrix(n) / math.sqrt(n)
+    torch.testing.assert_close(hadamard_transform(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_transform_keeps_the_dtype_and_the_norm():
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(0))
+    y = hadamard_transform(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_random_orthogonal_is_orthogonal_and_seeded():
+    q = random_orthogonal(269, seed=3)
+    torch.testing.assert_close(q @ q.T, torch.eye(269, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(q, random_orthogonal(269, seed=3))
+    assert not torch.equal(q, random_orthogonal(269, seed=4))
+
+
+def test_rotation_matrix_prefers_hadamard_and_falls_back_to_random():
+    rotation, kind = rotation_matrix(576, seed=0)
+    assert kind == "hadamard"
+    torch.testing.assert_close(rotation, hadamard_matrix(576) / 24.0, rtol=0, atol=0)
+    rotation, kind = rotation_matrix(1076, seed=0)  # 4·269: no construction, like SigLIP's 16·269
+    assert kind == "random" and torch.equal(rotation, random_orthogonal(1076, seed=0))
