@@ -40,7 +40,7 @@ def test_asymmetric_rtn_has_a_zero_point_and_unsigned_codes():
     weight = torch.tensor([[0.0, 1.0, 2.0, 3.0]]) + 1.0  # all positive: the range starts at 0
     quantized = quantize_rtn(weight, WeightFormat(bits=2, symmetric=False, clip_search=False))
     assert quantized.codes.dtype == torch.uint8 and quantized.zero.tolist() == [[0.0]]
-    torch.testing.assert_close(quantized.dequantize(), torch.tensor([[4 / 3, 8 / 3, 8 / 3, 4.0]])  # w / scale = [0.75, 1.5, 2.25, 3])
+    torch.testing.assert_close(quantized.dequantize(), torch.tensor([[4 / 3, 8 / 3, 8 / 3, 4.0]]))  # w/scale: .75 1.5 2.25 3
 
 
 @pytest.mark.parametrize("bits,floor_db", [(8, 40.0), (4, 17.0)])
