@@ -13,11 +13,17 @@ import weakref
 import torch
 from torch import nn
 
+from qsvd.models.quantized import InputTransform
+
 DOWN_SUFFIX = "_down"
 
 
 class SharedDownProjection(nn.Module):
-    """C = B x, memoised on the identity of x so q, k and v share one computation."""
+    """C = B x, memoised on the identity of x so q, k and v share one computation.
+
+    `input_transform` (on x) and `latent_transform` (on C: the cache precision) are identities
+    until the quantization stage sets them.
+    """
 
     def __init__(self, in_features: int, rank: int, dtype: torch.dtype | None = None, device=None):
         super().__init__()
@@ -28,12 +34,14 @@ class SharedDownProjection(nn.Module):
         self._last_latent: torch.Tensor | None = None
         self._last_version = -1
         self.latent_computations = 0
+        self.input_transform = InputTransform(in_features)
+        self.latent_transform = InputTransform(rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = self._last_input() if self._last_input is not None else None
         if last is x and self._last_latent is not None and last._version == self._last_version:
             return self._last_latent
-        latent = nn.functional.linear(x, self.weight)
+        latent = self.latent_transform(nn.functional.linear(self.input_transform(x), self.weight))
         self._last_input, self._last_version, self._last_latent = weakref.ref(x), x._version, latent
         self.latent_computations += 1
         return latent

@@ -27,6 +27,17 @@ class ModelFamily:
     vision_layers: str | None = None  # from the top-level model to the vision encoder layers ModuleList
     projector: str | None = None  # from the top-level model to the vision->LM projector
     multimodal: bool = True  # False: text-only, the processor is a tokenizer and prompts carry no image
+    # The LM residual stream's readers and writers (the H1 rotation, method §3); paths from the top level
+    # unless noted, decoder-layer parts relative to one decoder layer.
+    embeddings: str = "model.language_model.embed_tokens"
+    final_norm: str = "model.language_model.norm"
+    lm_head: str = "lm_head"
+    attention_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_output: str = "mlp.down_proj"
+    projector_output: str | None = None  # the projector's last linear: it writes image features into the LM stream
+    image_newline: str | None = None  # a learned LM-space vector (LLaVA-NeXT)
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -38,6 +49,7 @@ FAMILIES: dict[str, ModelFamily] = {
             decoder_layers="model.language_model.layers",
             vision_layers="model.vision_tower.encoder.layers",
             projector="model.multi_modal_projector",
+            projector_output="model.multi_modal_projector.linear_2",
         ),
         ModelFamily(
             name="llava-next",
@@ -45,6 +57,8 @@ FAMILIES: dict[str, ModelFamily] = {
             decoder_layers="model.language_model.layers",
             vision_layers="model.vision_tower.encoder.layers",
             projector="model.multi_modal_projector",
+            projector_output="model.multi_modal_projector.linear_2",
+            image_newline="model.image_newline",
         ),
         ModelFamily(
             name="smolvlm",
@@ -52,12 +66,17 @@ FAMILIES: dict[str, ModelFamily] = {
             decoder_layers="model.text_model.layers",
             vision_layers="model.vision_model.encoder.layers",
             projector="model.connector.modality_projection.proj",
+            embeddings="model.text_model.embed_tokens",
+            final_norm="model.text_model.norm",
+            projector_output="model.connector.modality_projection.proj",
         ),
         ModelFamily(
             name="llama",
             model_classes=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
             decoder_layers="model.layers",
             multimodal=False,
+            embeddings="model.embed_tokens",
+            final_norm="model.norm",
         ),
     )
 }
@@ -130,6 +149,19 @@ def projector(model: nn.Module, family: ModelFamily) -> nn.Module:
     if family.projector is None:
         raise ValueError(f"family {family.name!r} has no vision-to-language projector")
     return _resolve(model, family.projector, family)
+
+
+def part(root: nn.Module, path: str, family: ModelFamily) -> nn.Module:
+    """The submodule (or parameter) at `path`, a registry field's value, below `root`."""
+    return _resolve(root, path, family)
+
+
+def set_part(root: nn.Module, path: str, module: nn.Module, family: ModelFamily) -> None:
+    """Replace the existing submodule at `path` below `root` by `module`."""
+    parent, _, name = path.rpartition(".")
+    holder = _resolve(root, parent, family) if parent else root
+    _resolve(holder, name, family)  # the slot must exist: never add a stray attribute
+    setattr(holder, name, module)
 
 
 def attention_of(layer: nn.Module, family: ModelFamily) -> nn.Module:
