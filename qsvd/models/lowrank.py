@@ -13,7 +13,7 @@ import weakref
 import torch
 from torch import nn
 
-from qsvd.models.quantized import InputTransform
+from qsvd.models.input_transform import InputTransform
 
 DOWN_SUFFIX = "_down"
 

@@ -1,76 +1,20 @@
-"""What a linear layer does to its input before the matmul: an online rotation, then activation quantization.
+"""Quantized layers: which linears the quantization stage targets, and `QuantizedLinear`.
 
-`InputTransform` is the one place for both: it rotates x (a Hadamard transform, or a stored
-orthogonal matrix where no Hadamard of that order is constructible), optionally only across
-`size` blocks of the last dimension (the o_proj input: across heads), then fake-quantizes per token.
-`QuantizedLinear` is an nn.Linear that applies one; the low-rank modules carry their own
-(`SharedDownProjection.input_transform` / `.latent_transform`). This is simulated quantization:
-weights hold their dequantized values, activations are rounded in floating point.
+`QuantizedLinear` is an nn.Linear whose input goes through an `InputTransform`; the low-rank
+modules carry their own (`SharedDownProjection.input_transform` / `.latent_transform`). This is
+simulated quantization: weights hold their dequantized values, activations are rounded in floating point.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from qsvd.math.hadamard import hadamard_transform
-from qsvd.math.quantize import quantize_per_token
-
-ROTATION_KINDS = ("hadamard", "random")
-
-
-class InputTransform(nn.Module):
-    """x -> quantize_per_token(x · (R ⊗ I_block)): R of order `size`, acting on the (size, block) view of x."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.features = features
-        self.rotation_kind: str | None = None
-        self.rotation_size = 0
-        self.register_buffer("rotation", None, persistent=False)  # the stored matrix of a "random" rotation
-        self.bits: int | None = None
-        self.clip_ratio = 1.0
-
-    def set_rotation(self, kind: str, size: int, matrix: torch.Tensor | None = None) -> None:
-        """Rotate inputs online by an orthonormal matrix of order `size` (a Hadamard, or `matrix`)."""
-        if kind not in ROTATION_KINDS:
-            raise ValueError(f"rotation kind must be one of {ROTATION_KINDS}, got {kind!r}")
-        if self.features % size:
-            raise ValueError(f"a rotation of order {size} does not divide {self.features} input features")
-        if (kind == "random") != (matrix is not None) or (matrix is not None and matrix.shape != (size, size)):
-            raise ValueError(f"a {kind!r} rotation of order {size} needs {'a' if kind == 'random' else 'no'} {size}x{size} matrix")
-        self.rotation_kind, self.rotation_size, self.rotation = kind, size, matrix
-
-    def set_quantization(self, bits: int | None, clip_ratio: float = 1.0) -> None:
-        if bits is not None and not 2 <= bits <= 16:
-            raise ValueError(f"activation bits must be in [2, 16], got {bits}")
-        if not 0 < clip_ratio <= 1:
-            raise ValueError(f"activation clip ratio must be in (0, 1], got {clip_ratio}")
-        self.bits, self.clip_ratio = bits, clip_ratio
-
-    @property
-    def active(self) -> bool:
-        return self.rotation_kind is not None or self.bits is not None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotation_kind is not None:
-            x = self._rotate(x)
-        if self.bits is not None:
-            x = quantize_per_token(x, self.bits, self.clip_ratio)
-        return x
-
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.rotation_size
-        blocks = x.reshape(*x.shape[:-1], size, self.features // size).transpose(-1, -2)
-        if self.rotation_kind == "hadamard":
-            blocks = hadamard_transform(blocks)
-        else:
-            blocks = blocks @ self.rotation.to(x.dtype)
-        return blocks.transpose(-1, -2).reshape(x.shape)
-
-    def extra_repr(self) -> str:
-        rotation = f"rotation={self.rotation_kind}({self.rotation_size})" if self.rotation_kind else "rotation=None"
-        return f"{rotation}, bits={self.bits}, clip_ratio={self.clip_ratio}"
+from qsvd.models.input_transform import InputTransform
+from qsvd.models.lowrank import LatentUpProjection, SharedDownProjection
+from qsvd.models.registry import ModelFamily, part
 
 
 class QuantizedLinear(nn.Linear):
@@ -91,3 +35,46 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.input_transform(x), self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer whose weight (and input) the quantization stage quantizes."""
+
+    name: str  # its module path in the model
+    part: str  # "lm", "vision" or "projector": they get their own activation clip ratios
+    kind: str  # "linear", "latent_down" (B, reading x; it also quantizes the latent) or "latent_up" (A_p)
+
+
+def quantization_targets(model: nn.Module, family: ModelFamily, vision: bool) -> list[Target]:
+    """Every linear of the LM decoder layers (low-rank factors included), and with `vision` every linear
+    of the vision encoder layers and the projector. Embeddings and lm_head stay in full precision."""
+    roots = [(family.decoder_layers, "lm")]
+    if vision:
+        if not family.multimodal:
+            raise ValueError(f"vision quantization was requested but family {family.name!r} has no vision tower")
+        roots += [(family.vision_layers, "vision"), (family.projector, "projector")]
+    targets = []
+    for root, part_name in roots:
+        module = part(model, root, family)
+        for name, child in [("", module), *module.named_modules()][1 if root != family.projector else 0 :]:
+            kind = "latent_down" if isinstance(child, SharedDownProjection) else "latent_up" if isinstance(child, LatentUpProjection) else (
+                "linear" if isinstance(child, nn.Linear) else None
+            )
+            if kind is not None:
+                targets.append(Target(f"{root}.{name}" if name else root, part_name, kind))
+    return targets
+
+
+def input_transforms(model: nn.Module, target: Target) -> list[tuple[str, InputTransform]]:
+    """The activation quantizers that feed `target`'s matmuls, by role; nn.Linear targets become QuantizedLinear."""
+    module = model.get_submodule(target.name)
+    if target.kind == "latent_up":
+        return []  # its input is the latent, quantized once by the shared down-projection's latent_transform
+    if target.kind == "latent_down":
+        return [("input", module.input_transform), ("latent", module.latent_transform)]
+    if not isinstance(module, QuantizedLinear):
+        parent, _, child = target.name.rpartition(".")
+        module = QuantizedLinear.from_linear(module)
+        setattr(model.get_submodule(parent), child, module)
+    return [("input", module.input_transform)]

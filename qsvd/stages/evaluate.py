@@ -17,7 +17,7 @@ from qsvd.artefacts import atomic_write, provenance, write_json
 from qsvd.data.records import read_records
 from qsvd.evaluation.answers import score_prediction
 from qsvd.evaluation.perplexity import perplexity, sequence_nll
-from qsvd.models.checkpoint import is_lowrank_checkpoint, load_lowrank_checkpoint, open_model
+from qsvd.models.checkpoint import open_checkpoint
 from qsvd.models.prompts import TEXT_TOKENS, decode_generated, encode_prompt, encode_text
 from qsvd.models.registry import family_by_name
 
@@ -35,12 +35,9 @@ def run_evaluate(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Score one model on one materialised dataset; `labels` (model, method, budget, ...) go in the result."""
-    if is_lowrank_checkpoint(model_source):
-        model, processor, manifest = load_lowrank_checkpoint(model_source, dtype)
-        cost = {"R1": manifest["cost"]["R1"], "R2": manifest["cost"]["R2"]}
-    else:
-        model, processor = open_model(model_source, family, dtype)
-        cost = {"R1": 1.0, "R2": 1.0}
+    model, processor, manifest = open_checkpoint(model_source, family, dtype)
+    cost = {"R1": manifest["cost"]["R1"], "R2": manifest["cost"]["R2"]} if "cost" in manifest else {"R1": 1.0, "R2": 1.0}
+    quantization = manifest.get("quantization")
     adapter = family_by_name(family)
     records = read_records(data_dir)
     if not records:
@@ -69,7 +66,7 @@ def run_evaluate(
         metric=metric,
         score=score,
         num_samples=len(predictions),
-        quantization="none (full precision)",
+        quantization=f"{quantization['label']} (simulated quantization)" if quantization else "none (full precision)",
         predictions=Path(out_path).with_suffix(".predictions.jsonl").name,
     )
     lines = "".join(json.dumps(p) + "\n" for p in predictions)

@@ -8,7 +8,7 @@ import torch
 
 from qsvd.artefacts import provenance
 from qsvd.math.decompose import joint_factors
-from qsvd.models.checkpoint import LOWRANK_STAGE, open_model, save_lowrank_checkpoint
+from qsvd.models.checkpoint import LOWRANK_STAGE, open_model, save_checkpoint
 from qsvd.models.registry import family_by_name
 from qsvd.models.surgery import apply_factors
 from qsvd.stages.decompose import read_decomposition
@@ -47,4 +47,4 @@ def run_lowrank_model(
         layout=plan["layout"],
         units=[{k: u[k] for k in ("layer", "group", "rank", "caches")} for u in plan["units"]],
     )
-    return save_lowrank_checkpoint(model, processor, out_dir, manifest)
+    return save_checkpoint(model, processor, out_dir, manifest)

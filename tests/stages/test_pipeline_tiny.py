@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from qsvd.artefacts import read_artefact, read_json
 from qsvd.data.records import Record, write_records
 from qsvd.methods import LAYOUTS, METHODS
-from qsvd.models.checkpoint import load_lowrank_checkpoint
+from qsvd.models.checkpoint import load_checkpoint
 from qsvd.models.prompts import encode_prompt
 from qsvd.models.registry import decoder_layers, family_by_name, qkv_projections
 from qsvd.stages.activation_stats import run_activation_stats
@@ -62,7 +62,7 @@ def test_every_stage_on_a_tiny_model(tiny, dataset, tmp_path, images):
     assert all(1 <= unit["rank"] <= unit["max_rank"] for unit in plan["units"])
 
     checkpoint = run_lowrank_model(str(source), name, decomposition, plan_path, 0.2, tmp_path / "lowrank")
-    lowrank, lowrank_processor, manifest = load_lowrank_checkpoint(checkpoint)
+    lowrank, lowrank_processor, manifest = load_checkpoint(checkpoint)
     assert [u["rank"] for u in manifest["units"]] == [u["rank"] for u in plan["units"]]
     q, k, v = qkv_projections(decoder_layers(lowrank, family)[0], family)
     assert q.down is k.down is v.down and q.weight.shape[1] == plan["units"][0]["rank"]
@@ -83,7 +83,7 @@ def test_full_rank_lowrank_model_matches_the_original(tiny, dataset, tmp_path, i
     decomposition = run_decompose(str(source), name, stats, layout, transform, 0.5, tmp_path / "decomposition", damping=0.01)
     plan_path = run_rank_plan(decomposition, None, "uniform", "rank_fraction", 1.0, 1, tmp_path / "plan.json")
     checkpoint = run_lowrank_model(str(source), name, decomposition, plan_path, 0.5, tmp_path / "lowrank")
-    lowrank, _, _ = load_lowrank_checkpoint(checkpoint)
+    lowrank, _, _ = load_checkpoint(checkpoint)
     batch = encode_prompt(processor, family, "what color is the shape?", images[0] if family.multimodal else None)
     with torch.no_grad():
         torch.testing.assert_close(lowrank(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
@@ -110,7 +110,7 @@ def test_every_method_through_the_stages(method, saved_tiny_model, dataset, tmp_
     if spec.allocation == "uniform":
         assert len({u["rank"] for u in plan["units"] if u["max_rank"] > u["rank"]}) <= 1
     checkpoint = run_lowrank_model(str(source), "smolvlm", decomposition, plan_path, 0.2, tmp_path / "lowrank")
-    lowrank, _, manifest = load_lowrank_checkpoint(checkpoint)
+    lowrank, _, manifest = load_checkpoint(checkpoint)
     q, k, v = qkv_projections(decoder_layers(lowrank, family)[0], family)
     if spec.layout == "joint":
         assert q.down is k.down is v.down

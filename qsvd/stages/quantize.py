@@ -1,0 +1,185 @@
+"""Stage 9: simulated low-precision model: H1/H2 rotations, then weight and activation quantization (method §3).
+
+Input: a low-rank checkpoint (any SVD method) or a dense model (QuaRot, no SVD). Weights are
+quantized (RTN with the clipping search, or GPTQ on Hessians of the calibration inputs each layer
+actually sees, after its online rotation) and replaced by their dequantized values; the integer codes
+and scales are saved beside the checkpoint. Activations are fake-quantized per token at the input of
+every quantized linear, the low-rank latent included (the cache precision). Embeddings and lm_head
+stay in full precision. Every result of this stage is simulated quantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qsvd.artefacts import provenance, write_tensors
+from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_rtn
+from qsvd.models.checkpoint import QUANTIZED_STAGE, QUANTIZED_WEIGHTS, open_checkpoint, save_checkpoint
+from qsvd.models.quantized import Target, input_transforms, quantization_targets
+from qsvd.models.registry import family_by_name
+from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents
+from qsvd.stages.calibration import calibration_batches
+
+WEIGHT_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One precision setting; None bits keep that side in full precision."""
+
+    weight_bits: int | None = 8
+    act_bits: int | None = 8
+    weight_method: str = "rtn"
+    group_size: int | None = None
+    symmetric: bool = True
+    clip_search: bool = True
+    lm_clip: float = 0.9  # activation clip ratios (the paper's 0.9 LM, 0.85 vision)
+    vision_clip: float = 0.85
+    rotate: bool = True  # H1 and the online rotations
+    rotate_latent: bool = True  # H2 (low-rank models only)
+    vision: bool = True  # quantize the vision tower and projector too (multimodal families)
+    gptq_damping: float = 0.01
+    act_order: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
+        if self.weight_bits is not None:
+            self.weight_format()  # range checks
+        if self.act_bits is not None and not 2 <= self.act_bits <= 16:
+            raise ValueError(f"act_bits must be in [2, 16] or None, got {self.act_bits}")
+
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.weight_bits, self.symmetric, self.group_size, self.clip_search)
+
+    @property
+    def label(self) -> str:
+        return f"W{self.weight_bits or 16}A{self.act_bits or 16}"
+
+
+def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: QuantSpec, out_dir: Path) -> Path:
+    """Rotate, quantize and save the model of `model_source`; `data_dir` (calibration) is needed for GPTQ."""
+    model, processor, base_manifest = open_checkpoint(model_source, family, torch.float32)
+    adapter = family_by_name(family)
+    lowrank = bool(latent_modules(model, adapter))
+    if spec.rotate_latent and not spec.rotate:
+        raise ValueError("rotate_latent (H2) needs rotate (H1) in this implementation: set both or neither")
+    rotations = Rotations()
+    if spec.rotate:
+        rotations = rotate_language_model(model, adapter, spec.seed)
+        if spec.rotate_latent and lowrank:
+            rotate_latents(model, adapter, spec.seed, rotations)
+    targets = quantization_targets(model, adapter, vision=spec.vision and adapter.multimodal)
+    transforms = {t.name: input_transforms(model, t) for t in targets}
+    codes: dict[str, torch.Tensor] = {}
+    if spec.weight_bits is not None:
+        hessians = _input_hessians(model, processor, adapter, targets, data_dir) if spec.weight_method == "gptq" else {}
+        for target in tqdm(targets, desc=f"quantize weights ({spec.weight_method}, {spec.weight_bits} bits)"):
+            codes |= _quantize_weight(model, target, spec, hessians.pop(target.name, None))
+    for target in targets:
+        clip = spec.lm_clip if target.part == "lm" else spec.vision_clip
+        for _, transform in transforms[target.name]:
+            transform.set_quantization(spec.act_bits, clip)
+    layers = [_layer_record(target, transforms[target.name], spec) for target in targets]
+    manifest = provenance(QUANTIZED_STAGE, {"model_source": str(model_source), "family": family,
+                                             "data_dir": None if data_dir is None else str(data_dir), **dataclasses.asdict(spec)}, spec.seed)
+    manifest.update(
+        family=family,
+        quantization={
+            "simulated": True,
+            "label": spec.label,
+            "spec": dataclasses.asdict(spec),
+            "rotations": rotations.roles,
+            "layers": layers,
+            "full_precision": ["embeddings", "lm_head"] + ([] if spec.vision or not adapter.multimodal else ["vision tower", "projector"]),
+        },
+        cost=_quantized_cost(base_manifest.get("cost", {"R1": 1.0, "R2": 1.0}), spec),
+        layout=base_manifest.get("layout"),
+        units=base_manifest.get("units", []),
+    )
+    for key in ("beta", "method"):
+        if key in base_manifest:
+            manifest[key] = base_manifest[key]
+    out = save_checkpoint(model, processor, out_dir, manifest, extra_tensors={"rotations.safetensors": rotations.matrices})
+    write_tensors(out / QUANTIZED_WEIGHTS, codes)
+    return out
+
+
+def _quantize_weight(model, target: Target, spec: QuantSpec, hessian: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    module = model.get_submodule(target.name)
+    fmt = spec.weight_format()
+    if spec.weight_method == "gptq":
+        quantized = quantize_gptq(module.weight, hessian, fmt, spec.gptq_damping, act_order=spec.act_order)
+    else:
+        quantized = quantize_rtn(module.weight, fmt)
+    with torch.no_grad():
+        module.weight.copy_(quantized.dequantize(module.weight.dtype))
+    tensors = {f"{target.name}.codes": quantized.codes, f"{target.name}.scale": quantized.scale}
+    if quantized.zero is not None:
+        tensors[f"{target.name}.zero"] = quantized.zero
+    return tensors
+
+
+@contextmanager
+def _recording_matmul_inputs(model, targets: list[Target], record):
+    """Call `record(name, x)` with the input of every target's matmul (after its online rotation)."""
+    handles = []
+    try:
+        for target in targets:
+            module = model.get_submodule(target.name)
+            if target.kind == "latent_up":
+                hook = module.down.latent_transform.register_forward_hook(lambda m, args, out, n=target.name: record(n, out))
+            else:
+                hook = module.input_transform.register_forward_hook(lambda m, args, out, n=target.name: record(n, out))
+            handles.append(hook)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _input_hessians(model, processor, family, targets: list[Target], data_dir: Path | None) -> dict[str, torch.Tensor]:
+    """H = Σ xᵀx (float64) of every target's matmul input over the calibration samples (full-precision activations)."""
+    if data_dir is None:
+        raise ValueError("weight_method gptq needs calibration data (--data): the Hessians come from its inputs")
+    hessians: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        hessians[name] = hessians.get(name, 0) + flat.T @ flat
+
+    with torch.no_grad(), _recording_matmul_inputs(model, targets, record):
+        for batch in tqdm(calibration_batches(processor, family, data_dir, with_answer=False), desc="GPTQ Hessians"):
+            model(**batch)
+    missing = [t.name for t in targets if t.name not in hessians]
+    if missing:
+        raise RuntimeError(f"no calibration input reached {missing[:3]}: is the calibration set for this model's modality?")
+    return hessians
+
+
+def _layer_record(target: Target, transforms, spec: QuantSpec) -> dict:
+    """What is quantized at one layer: weight bits and format, each activation quantizer and rotation."""
+    record = {"name": target.name, "part": target.part, "kind": target.kind,
+              "weight_bits": spec.weight_bits, "weight_method": spec.weight_method if spec.weight_bits else None}
+    for role, transform in transforms:
+        record[f"{role}_bits"] = transform.bits
+        record[f"{role}_clip"] = transform.clip_ratio if transform.bits else None
+        if transform.rotation_kind:
+            record[f"{role}_rotation"] = f"{transform.rotation_kind}({transform.rotation_size})"
+    if target.kind == "latent_up":
+        record["input_bits"] = spec.act_bits
+        record["input"] = "the shared latent, quantized once by its down-projection"
+    return record
+
+
+def _quantized_cost(cost: dict, spec: QuantSpec) -> dict:
+    """R1 scaled by w_bits/16, R2 by a_bits/16 (the latent is cached at activation precision), paper Table 2."""
+    weight, act = (spec.weight_bits or 16) / 16, (spec.act_bits or 16) / 16
+    return {**cost, "R1": cost["R1"] * weight, "R2": cost["R2"] * act, "R1_fp16": cost["R1"], "R2_fp16": cost["R2"]}
