@@ -146,7 +146,7 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     gaussian = torch.randn(n, n, dtype=torch.float64, generator=generator)
     q, r = torch.linalg.qr(gaussian)
-    return q * torch.sign(torch.diagonal(r))[None, :]
+    return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()  # QR returns column-major storage
 
 
 def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:

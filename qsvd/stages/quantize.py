@@ -61,7 +61,8 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        return f"W{self.weight_bits or 16}A{self.act_bits or 16}"
+        """"W4A4", or "W4A4 without rotations" (the rotation ablation)."""
+        return f"W{self.weight_bits or 16}A{self.act_bits or 16}" + ("" if self.rotate else " without rotations")
 
 
 def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: QuantSpec, out_dir: Path) -> Path:

@@ -117,7 +117,30 @@ def markdown_tables(rows: list[dict]) -> str:
             f"\nCells: score (R1 % / R2 %), mean ± sample std where several seeds. "
             f"Seeds: {', '.join(seeds)}. Quantization: {'; '.join(quantizations)}.\n"
         )
+        parts.extend(_precision_tables(model, task, group, budgets))
     return "\n".join(parts)
+
+
+def _precision_tables(model: str, task: str, group: list[dict], budgets: list[str]) -> list[str]:
+    """The paper's Table 2 view, one table per budget: methods as rows, precisions as columns
+    (full precision first); unbudgeted rows (uncompressed, QuaRot) appear in every table."""
+    precisions = sorted({str(r["quantization"]) for r in group}, key=lambda q: (not q.startswith("none"), q))
+    if len(precisions) < 2:
+        return []
+    parts = []
+    for budget in [b for b in budgets if b != "full"]:
+        chosen = [r for r in group if r["budget"] in (budget, "full")]
+        methods = list(dict.fromkeys(str(r["method"]) for r in sorted(chosen, key=lambda r: r["budget"] != "full")))
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for r in chosen:
+            cells[(str(r["method"]), str(r["quantization"]))].append(r)
+        parts.append(f"### {model}: {task} at {budget}, by precision ({_metric_label(group[0]['metric'])})\n")
+        parts.append("| method | " + " | ".join(precisions) + " |")
+        parts.append("|---" * (len(precisions) + 1) + "|")
+        for method in methods:
+            parts.append(f"| {method} | " + " | ".join(_cell(cells[(method, q)]) if cells[(method, q)] else "" for q in precisions) + " |")
+        parts.append("\nR1 and R2 fold in the bit widths (R1 × w/16, R2 × a/16); all quantized scores are simulated quantization.\n")
+    return parts
 
 
 def tidy_csv(rows: list[dict]) -> str:

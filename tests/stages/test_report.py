@@ -85,6 +85,26 @@ def test_several_quantizations_get_their_own_rows(tmp_path):
     assert "| qsvd (none (full precision)) |  | 80.00 (66.7/25.0) |" in text
 
 
+def test_precision_table_has_methods_as_rows_and_precisions_as_columns(tmp_path):
+    """The paper's Table 2 view: one table per budget; uncompressed and QuaRot (no budget) in each."""
+    w4 = "W4A4 (simulated quantization)"
+    results = [
+        _result(**FULL, score=0.9),
+        _result(**{**FULL, "method": "quarot", "R1": 0.25, "R2": 0.25}, score=0.5, quantization=w4, seed=0),
+        _result(**{**FULL, "method": "quarot", "R1": 0.25, "R2": 0.25}, score=0.7, quantization=w4, seed=1),
+        _result(score=0.8),
+        _result(score=0.75, quantization=w4, R1=1 / 6, R2=0.0625),
+    ]
+    text = (_report(tmp_path, results) / "tables.md").read_text()
+    table = text.split("### demo: easy-vqa at r0.5, by precision (accuracy, %)")[1]
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == f"| method | none (full precision) | {w4} |"
+    assert lines[2] == "| uncompressed | 90.00 (100.0/100.0) |  |"
+    assert lines[3] == "| quarot |  | 60.00 ± 14.14 (25.0/25.0) |"
+    assert lines[4] == "| qsvd | 80.00 (66.7/25.0) | 75.00 (16.7/6.2) |"
+    assert "simulated quantization" in table
+
+
 def test_plot_is_a_non_empty_png_with_two_panels_per_task(report_dir):
     out = report_dir
     with Image.open(out / "tradeoff.png") as image:

@@ -12,6 +12,7 @@ from qsvd.stages.evaluate import run_evaluate
 from qsvd.stages.export_smollm2 import GGUF_FILE, export_checkpoint, load_gguf_smollm2
 from qsvd.stages.importance import run_importance
 from qsvd.stages.lowrank_model import run_lowrank_model
+from qsvd.stages.quantize import QuantSpec, run_quantize
 from qsvd.stages.rank_plan import run_rank_plan
 
 pytestmark = pytest.mark.slow
@@ -77,3 +78,35 @@ def test_every_stage_on_smollm2_gives_a_sane_perplexity(exported, tmp_path):
     # Measured 2026-11-23: 24.7 uncompressed, 33.1 qsvd, 158 plain truncation (the notes: ~15 vs ~123).
     assert 3 * lowrank["score"] < truncated["score"], scores
     assert lowrank["R1"] == pytest.approx(read_json(plan)["cost"]["R1"])
+
+
+def test_rotations_keep_smollm2_and_w8a8_stays_close(exported, tmp_path):
+    """H1 (with SmolLM2's 576 = 36·16 Hadamard, 9 heads by a random rotation, tied embeddings untied) and
+    the online rotations leave the real model's logits unchanged; W8A8 stays close, W4A4 without rotations does not."""
+    source = str(exported)
+    model, tokenizer = open_model(source, "llama")
+    ids = tokenizer(SAMPLE, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    rotated_dir = run_quantize(source, "llama", None, QuantSpec(weight_bits=None, act_bits=None), tmp_path / "rotated")
+    rotated, _ = open_model(str(rotated_dir), "llama")
+    manifest = read_json(rotated_dir / "manifest.json")
+    assert manifest["quantization"]["rotations"]["residual"]["kind"] == "hadamard"
+    assert manifest["quantization"]["rotations"]["heads"]["kind"] == "random"
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(input_ids=ids).logits, expected, rtol=1e-3, atol=1e-3)
+
+    evaluation = tmp_path / "eval-data"
+    materialise_dataset("sotu", "test", 2, 0, evaluation)
+
+    def perplexity_of(spec, name):
+        checkpoint = run_quantize(source, "llama", None, spec, tmp_path / name)
+        return read_json(run_evaluate(str(checkpoint), "llama", evaluation, tmp_path / f"{name}.json", 8, {"method": name}))["score"]
+
+    full = read_json(run_evaluate(source, "llama", evaluation, tmp_path / "full.json", 8, {"method": "full"}))["score"]
+    w8a8 = perplexity_of(QuantSpec(weight_bits=8, act_bits=8, lm_clip=1.0), "w8a8")
+    w4a4_plain = perplexity_of(QuantSpec(weight_bits=4, act_bits=4, rotate=False, rotate_latent=False), "w4a4-plain")
+    w4a4 = perplexity_of(QuantSpec(weight_bits=4, act_bits=4), "w4a4")
+    scores = f"perplexity {full:.2f} full, {w8a8:.2f} W8A8, {w4a4:.1f} W4A4 rotated, {w4a4_plain:.1f} W4A4 without rotations"
+    assert w8a8 < 1.1 * full, scores
+    assert w4a4 < w4a4_plain, scores

@@ -16,11 +16,17 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 def test_workflow_produces_the_report(finished_workdir):
     report = finished_workdir / "results" / "demo-test" / "report"
     rows = list(csv.DictReader((report / "results.csv").open()))
-    assert {r["method"] for r in rows} == {"uncompressed", "qsvd", "svd-llm"}
+    assert {r["method"] for r in rows} == {"uncompressed", "qsvd", "svd-llm", "quarot"}
     for method in ("qsvd", "svd-llm"):
-        compressed = [r for r in rows if r["method"] == method]
+        compressed = [r for r in rows if r["method"] == method and r["quantization"].startswith("none")]
         assert len({r["R1"] for r in compressed}) == 2  # two budgets, two different plans
         assert all(float(r["R1"]) <= float(r["budget_value"]) + 1e-9 for r in compressed)
+        quantized = [r for r in rows if r["method"] == method and not r["quantization"].startswith("none")]
+        assert {r["quantization"] for r in quantized} == {"W8A8 (simulated quantization)"} and len(quantized) == 2
+        # W8A8 halves R1 and R2 (the paper's Table 2 convention)
+        assert sorted(2 * float(r["R1"]) for r in quantized) == pytest.approx(sorted(float(r["R1"]) for r in compressed))
+    quarot = [r for r in rows if r["method"] == "quarot"]
+    assert len(quarot) == 1 and float(quarot[0]["R1"]) == 0.5 and float(quarot[0]["score"]) > 0.3
     assert "svd-llm" in (report / "tables.md").read_text()
     assert (report / "tradeoff.png").stat().st_size > 1000
     results = finished_workdir / "results" / "demo-test"

@@ -30,12 +30,18 @@ SVD = f"{RESULTS}/{CALIB}/svd~{{svd}}"  # the {svd} wildcard: a key of DECOMPOSI
 FACTORS = f"factors~{CFG.factors.key}"
 REPORT = f"{RESULTS}/{CFG.report_name}"
 NEEDS_GRAM = any(m.transform == "whiten" for m in METHODS)
+QUANT = CFG.quantization
+# Every quantized setting: path key -> (format, seed, rotate); applied to every leaf, and to the
+# dense model for QuaRot.
+QUANT_SETTINGS = {QUANT.key(*setting): setting for setting in QUANT.settings()}
+QUAROT = f"{RESULTS}/quarot/quant~{{quant}}"
 
 
 wildcard_constraints:
     dataset="[^/~]+",
     svd="[^/~]+",
     rank="[^/~]+",
+    quant="[^/~]+",
 
 
 def model_input(wildcards=None):
@@ -98,13 +104,44 @@ def eval_labels(method=None, budget=None):
     return json.dumps(labels, sort_keys=True)
 
 
+def quant_setting(wildcards):
+    if wildcards.quant not in QUANT_SETTINGS:
+        raise WorkflowError(f"no quantization format, seed and rotation of the config give quant~{wildcards.quant}")
+    return QUANT_SETTINGS[wildcards.quant]
+
+
+def quant_spec(wildcards):
+    """The quantize stage's QuantSpec fields (JSON) for the setting named by {quant}."""
+    fmt, seed, rotate = quant_setting(wildcards)
+    weight_bits, act_bits = QUANT.bits(fmt)
+    spec = dict(weight_bits=weight_bits, act_bits=act_bits, weight_method=QUANT.weight_method, group_size=QUANT.group_size,
+                lm_clip=QUANT.lm_clip, vision_clip=QUANT.vision_clip, rotate=rotate, rotate_latent=rotate,
+                vision=QUANT.vision, seed=seed)
+    return json.dumps(spec, sort_keys=True)
+
+
+def quantized_labels(wildcards, method=None, budget=None):
+    """eval_labels of a quantized model: its format, rotation and seed (QuaRot when `method` is None)."""
+    fmt, seed, rotate = quant_setting(wildcards)
+    labels = json.loads(eval_labels(method, budget))
+    labels.update(seed=seed, quant_format=fmt, rotate=rotate, weight_method=QUANT.weight_method)
+    if method is None:
+        labels["method"] = "quarot"
+    return json.dumps(labels, sort_keys=True)
+
+
 def evaluation_results():
     tasks = [t.key for t in CFG.evaluation.tasks]
     uncompressed = [f"{RESULTS}/uncompressed/eval/{t}.json" for t in tasks]
     compressed = [
         f"{RESULTS}/{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}/eval/{t}.json" for svd, rank in LEAVES for t in tasks
     ]
-    return uncompressed + compressed
+    quantized = [
+        f"{RESULTS}/{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}/quant~{quant}/eval/{t}.json"
+        for svd, rank in LEAVES for quant in QUANT_SETTINGS for t in tasks
+    ]
+    quarot = [f"{RESULTS}/quarot/quant~{quant}/eval/{t}.json" for quant in QUANT_SETTINGS for t in tasks] if QUANT.quarot else []
+    return uncompressed + compressed + quantized + quarot
 
 
 def report_outputs():
