@@ -62,6 +62,13 @@ def _lowrank_model(a):
     run_lowrank_model(a.model, a.family, a.decomposition, a.plan, a.beta, a.out)
 
 
+def _quantize(a):
+    from qsvd.stages.quantize import QuantSpec, run_quantize
+
+    spec = QuantSpec(**json.loads(a.spec))
+    run_quantize(a.model, a.family, a.data, spec, a.out)
+
+
 def _evaluate(a):
     from qsvd.stages.evaluate import run_evaluate
 
@@ -142,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decomposition", type=Path, required=True)
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--beta", type=float, default=0.2)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("quantize", _quantize, "rotate and quantize a model (simulated quantization)")
+    model_args(p)
+    p.add_argument("--spec", required=True, help='JSON fields of qsvd.stages.quantize.QuantSpec, e.g. {"weight_bits": 4, "act_bits": 4}')
+    p.add_argument("--data", type=Path, default=None, help="calibration data (needed for weight_method gptq)")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("evaluate", _evaluate, "greedy generation and scoring on one dataset")

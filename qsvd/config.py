@@ -111,6 +111,37 @@ class FactorsConfig:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    formats: tuple[str, ...] = ()
+    weight_method: str = "rtn"
+    group_size: int | None = None
+    lm_clip: float = 0.9
+    vision_clip: float = 0.85
+    rotate: bool = True
+    vision: bool = True
+    seeds: tuple[int, ...] = (0,)
+    quarot: bool = True
+    rotation_ablation: bool = False
+
+    @staticmethod
+    def bits(fmt: str) -> tuple[int | None, int | None]:
+        """(weight bits, activation bits) of "W8A4"; 16 means full precision (None)."""
+        weight, act = (int(b) for b in fmt[1:].split("A"))
+        return (None if weight == 16 else weight), (None if act == 16 else act)
+
+    def key(self, fmt: str, seed: int, rotate: bool) -> str:
+        """Path segment naming one quantized setting."""
+        group = "" if self.group_size is None else f"-g{self.group_size}"
+        scope = "" if self.vision else "-lmonly"
+        return f"{fmt}-{self.weight_method}{group}-c{self.lm_clip:g}-{self.vision_clip:g}{scope}-{'rot' if rotate else 'norot'}-s{seed}"
+
+    def settings(self) -> list[tuple[str, int, bool]]:
+        """Every (format, seed, rotate) the config asks for."""
+        rotations = [self.rotate] + ([not self.rotate] if self.rotation_ablation else [])
+        return [(fmt, seed, rotate) for fmt in self.formats for rotate in rotations for seed in self.seeds]
+
+
+@dataclass(frozen=True)
 class QsvdConfig:
     model: ModelConfig
     calibration: DatasetConfig
@@ -121,6 +152,7 @@ class QsvdConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     methods: tuple[str, ...] = ("qsvd",)
     report_name: str = "report"
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 def _build(cls, data: Any, where: str):
