@@ -136,9 +136,9 @@ class QuantizationConfig:
         return f"{fmt}-{self.weight_method}{group}-c{self.lm_clip:g}-{self.vision_clip:g}{scope}-{'rot' if rotate else 'norot'}-s{seed}"
 
     def settings(self) -> list[tuple[str, int, bool]]:
-        """Every (format, seed, rotate) the config asks for."""
+        """Every (format, seed, rotate) the config asks for; without rotations nothing is random: one seed."""
         rotations = [self.rotate] + ([not self.rotate] if self.rotation_ablation else [])
-        return [(fmt, seed, rotate) for fmt in self.formats for rotate in rotations for seed in self.seeds]
+        return [(fmt, seed, rotate) for fmt in self.formats for rotate in rotations for seed in (self.seeds if rotate else self.seeds[:1])]
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,21 @@ def test_r2_budget_above_one_is_out_of_range():
     data["rank"]["budgets"] = [1.2]
     with pytest.raises(ConfigError, match=r"rank.budgets\[0\].*R2"):
         load_config(data)
+
+
+def test_quantization_settings_keys_and_bits():
+    config = load_config(_with(["quantization"], {"formats": ["W8A8", "W4A16"], "seeds": [0, 1], "rotation_ablation": True}))
+    quant = config.quantization
+    assert quant.bits("W8A8") == (8, 8) and quant.bits("W4A16") == (4, None)
+    # rotated settings per seed; without rotations nothing is random, so one seed
+    assert quant.settings() == [("W8A8", 0, True), ("W8A8", 1, True), ("W8A8", 0, False),
+                                ("W4A16", 0, True), ("W4A16", 1, True), ("W4A16", 0, False)]
+    keys = [quant.key(*s) for s in quant.settings()]
+    assert len(set(keys)) == len(keys) and keys[0] == "W8A8-rtn-c0.9-0.85-rot-s0"
+    assert load_config(BASE).quantization.settings() == []
+
+
+@pytest.mark.parametrize("key,value", [("formats", ["W9A8"]), ("formats", ["8-bit"]), ("lm_clip", 1.5), ("weight_method", "awq"), ("bits", 4)])
+def test_bad_quantization_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match="quantization"):
+        load_config(_with(["quantization"], {key: value}))
