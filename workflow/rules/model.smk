@@ -1,5 +1,5 @@
-# One rule per built model.source (qsvd.config.BUILT_SOURCES), each writing results/<name>/model;
-# only the configured source's rule exists, so the output has one producer.
+# One rule per built model.source (qsvd.config.BUILT_SOURCES), each writing results/<name>/model
+# (smolvlm-offline: two rules); only the configured source's rules exist, so each output has one producer.
 if CFG.model.source == "demo":
 
     rule demo_model:
@@ -42,3 +42,48 @@ if CFG.model.source == "smollm2":
             "../../envs/qsvd.yaml"
         shell:
             "{QSVD} --threads {threads} export-smollm2 --out {output} 2> {log}"
+
+
+if CFG.model.source == "smolvlm-offline":
+    # The frozen language model is the smollm2 source's export, made here as its own cached output.
+    from qsvd.demo.smolvlm_offline import VERSION as SMOLVLM_OFFLINE_VERSION
+
+    rule smolvlm_offline_language_model:
+        output:
+            directory(f"{RESULTS}/language_model"),
+        params:
+            version=STAGE_VERSIONS["export_smollm2"],
+        log:
+            f"{RESULTS}/logs/smolvlm_offline_language_model.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/smolvlm_offline_language_model.tsv"
+        threads: workflow.cores
+        resources:
+            mem_mb=4000,
+        conda:
+            "../../envs/qsvd.yaml"
+        shell:
+            "{QSVD} --threads {threads} export-smollm2 --out {output} 2> {log}"
+
+    rule smolvlm_offline_model:
+        input:
+            language_model=f"{RESULTS}/language_model",
+        output:
+            directory(f"{RESULTS}/model"),
+        params:
+            seed=CFG.demo.seed,
+            max_minutes=CFG.demo.max_minutes,
+            recipe=json.dumps(CFG.demo.recipe, sort_keys=True),
+            version=SMOLVLM_OFFLINE_VERSION,
+        log:
+            f"{RESULTS}/logs/smolvlm_offline_model.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/smolvlm_offline_model.tsv"
+        threads: workflow.cores
+        resources:
+            mem_mb=8000,
+        conda:
+            "../../envs/qsvd.yaml"
+        shell:
+            "{QSVD} --threads {threads} smolvlm-offline-model --language-model {input.language_model}"
+            " --seed {params.seed} --max-minutes {params.max_minutes} --recipe '{params.recipe}' --out {output} 2> {log}"
