@@ -167,10 +167,15 @@ def latent_modules(model: nn.Module, family: ModelFamily) -> list[tuple[SharedDo
     return found
 
 
-def rotate_latents(model: nn.Module, family: ModelFamily, seed: int, rotations: Rotations) -> None:
-    """H2: rotate each latent C by its own seeded orthonormal R (B ← Rᵀ B, A_p ← A_p R); recorded per unit."""
+def rotate_latents(model: nn.Module, family: ModelFamily, seed: int, rotations: Rotations) -> list[torch.Tensor]:
+    """H2: rotate each latent C by its own seeded orthonormal R (B ← Rᵀ B, A_p ← A_p R); recorded per unit.
+
+    Returns the R of every latent, in `latent_modules` order (float64)."""
+    matrices = []
     for index, (down, ups) in enumerate(latent_modules(model, family)):
         rotation = rotations.make(f"latent.{index}", down.rank, seed + SEED_OFFSETS["latent"] + index)
         _fold(down, left=rotation)
         for up in ups:
             _fold(up, right=rotation)
+        matrices.append(rotation)
+    return matrices

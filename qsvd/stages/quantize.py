@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from qsvd.artefacts import provenance, write_tensors
-from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_rtn
+from qsvd.math.beta import choose_beta, latent_singular_values, rebalance
+from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_per_token, quantize_rtn
 from qsvd.models.checkpoint import QUANTIZED_STAGE, QUANTIZED_WEIGHTS, open_checkpoint, save_checkpoint
 from qsvd.models.quantized import Target, input_transforms, quantization_targets
 from qsvd.models.registry import family_by_name
@@ -27,6 +28,7 @@ from qsvd.models.rotation import Rotations, latent_modules, rotate_language_mode
 from qsvd.stages.calibration import calibration_batches
 
 WEIGHT_METHODS = ("rtn", "gptq")
+BETA_SEARCH_TOKENS = 4096  # calibration tokens per layer for the β search
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class QuantSpec:
     vision: bool = True  # quantize the vision tower and projector too (multimodal families)
     gptq_damping: float = 0.01
     act_order: bool = False
+    beta_search: bool = True  # per-layer β (paper Eq. 14); False keeps the low-rank model's fixed β
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,11 +75,16 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
     lowrank = bool(latent_modules(model, adapter))
     if spec.rotate_latent and not spec.rotate:
         raise ValueError("rotate_latent (H2) needs rotate (H1) in this implementation: set both or neither")
-    rotations = Rotations()
+    search_beta = spec.beta_search and lowrank and (spec.weight_bits is not None or spec.act_bits is not None)
+    if search_beta:
+        sigmas = [latent_singular_values(torch.cat([up.weight.detach() for up in ups]), base_manifest["beta"])
+                  for _, ups in latent_modules(model, adapter)]
+    rotations, latent_rotations = Rotations(), None
     if spec.rotate:
         rotations = rotate_language_model(model, adapter, spec.seed)
         if spec.rotate_latent and lowrank:
-            rotate_latents(model, adapter, spec.seed, rotations)
+            latent_rotations = rotate_latents(model, adapter, spec.seed, rotations)
+    betas = _search_betas(model, processor, adapter, data_dir, spec, sigmas, latent_rotations, base_manifest["beta"]) if search_beta else {}
     targets = quantization_targets(model, adapter, vision=spec.vision and adapter.multimodal)
     transforms = {t.name: input_transforms(model, t) for t in targets}
     codes: dict[str, torch.Tensor] = {}
@@ -88,7 +96,7 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
         clip = spec.lm_clip if target.part == "lm" else spec.vision_clip
         for _, transform in transforms[target.name]:
             transform.set_quantization(spec.act_bits, clip)
-    layers = [_layer_record(target, transforms[target.name], spec) for target in targets]
+    layers = [_layer_record(target, transforms[target.name], spec) | betas.get(target.name, {}) for target in targets]
     manifest = provenance(QUANTIZED_STAGE, {"model_source": str(model_source), "family": family,
                                              "data_dir": None if data_dir is None else str(data_dir), **dataclasses.asdict(spec)}, spec.seed)
     manifest.update(
@@ -108,9 +116,50 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
     for key in ("beta", "method"):
         if key in base_manifest:
             manifest[key] = base_manifest[key]
+    if betas:
+        manifest["beta"] = "per layer (searched)"
     out = save_checkpoint(model, processor, out_dir, manifest, extra_tensors={"rotations.safetensors": rotations.matrices})
     write_tensors(out / QUANTIZED_WEIGHTS, codes)
     return out
+
+
+def _search_betas(model, processor, family, data_dir: Path | None, spec: QuantSpec, sigmas, latent_rotations, beta: float) -> dict[str, dict]:
+    """Choose β per latent on calibration inputs (RTN as the weight quantizer) and rebalance its factors in place."""
+    if data_dir is None:
+        raise ValueError("the per-layer β search needs calibration data (--data); set beta_search false to keep the fixed β")
+    units = latent_modules(model, family)
+    names = {id(module): name for name, module in model.named_modules()}
+    inputs: dict[int, list[torch.Tensor]] = {index: [] for index in range(len(units))}
+    handles = [down.input_transform.register_forward_hook(lambda m, args, out, index=index: inputs[index].append(out.detach().reshape(-1, out.shape[-1])))
+               for index, (down, _) in enumerate(units)]
+    try:
+        with torch.no_grad():
+            for batch in calibration_batches(processor, family, data_dir, with_answer=False):
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    fmt = spec.weight_format() if spec.weight_bits is not None else None
+
+    def quantize_weight(weight):
+        return weight if fmt is None else quantize_rtn(weight, fmt).dequantize()
+
+    def quantize_activation(x):
+        return x if spec.act_bits is None else quantize_per_token(x, spec.act_bits, spec.lm_clip)
+
+    chosen = {}
+    for index, (down, ups) in enumerate(tqdm(units, desc="per-layer β")):
+        tokens = torch.cat(inputs.pop(index))[:BETA_SEARCH_TOKENS]
+        up = torch.cat([u.weight.detach() for u in ups])
+        rotation = None if latent_rotations is None else latent_rotations[index]
+        best, errors = choose_beta(tokens, down.weight.detach(), up, sigmas[index], beta, quantize_weight, quantize_activation, rotation)
+        new_down, new_up = rebalance(down.weight.detach(), up, sigmas[index], best - beta, rotation)
+        with torch.no_grad():
+            down.weight.copy_(new_down.to(down.weight.dtype))
+            for u, part_weight in zip(ups, new_up.split([u.out_features for u in ups])):
+                u.weight.copy_(part_weight.to(u.weight.dtype))
+        chosen[names[id(down)]] = {"beta": best, "beta_errors": {f"{b:g}": e for b, e in errors.items()}}
+    return chosen
 
 
 def _quantize_weight(model, target: Target, spec: QuantSpec, hessian: torch.Tensor | None) -> dict[str, torch.Tensor]:

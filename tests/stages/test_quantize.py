@@ -55,12 +55,12 @@ def test_w8a8_stays_close_reloads_bit_identically_and_exports_integer_codes(tiny
     reference, _, base = load_checkpoint(lowrank)
     expected = _logits(reference, processor, family, images[0])
     # No activation clipping at 8 bits (measured: clip 0.9 alone costs 6% of the logits' norm here).
-    out = run_quantize(str(lowrank), "llava", None, QuantSpec(weight_bits=8, act_bits=8, lm_clip=1.0, vision_clip=1.0), tmp_path / "w8a8")
+    out = run_quantize(str(lowrank), "llava", dataset, QuantSpec(weight_bits=8, act_bits=8, lm_clip=1.0, vision_clip=1.0), tmp_path / "w8a8")
     quantized, _, manifest = load_checkpoint(out)
     logits = _logits(quantized, processor, family, images[0])
     relative = (logits - expected).norm() / expected.norm()
     assert 0 < relative < 0.02, float(relative)  # measured 0.008
-    out4 = run_quantize(str(lowrank), "llava", None, QuantSpec(weight_bits=4, act_bits=4), tmp_path / "w4a4")
+    out4 = run_quantize(str(lowrank), "llava", dataset, QuantSpec(weight_bits=4, act_bits=4), tmp_path / "w4a4")
     relative4 = (_logits(load_checkpoint(out4)[0], processor, family, images[0]) - expected).norm() / expected.norm()
     assert relative < relative4, (float(relative), float(relative4))
 
@@ -76,6 +76,9 @@ def test_w8a8_stays_close_reloads_bit_identically_and_exports_integer_codes(tiny
     assert all(e["weight_bits"] == 8 and e["input_bits"] == 8 for e in layers.values())
     assert all(e["input_clip"] == 1.0 for e in layers.values() if "input_clip" in e)
     assert manifest["cost"]["R1"] == pytest.approx(base["cost"]["R1"] / 2)
+    # β chosen per layer on the calibration inputs, with every grid point's error recorded
+    assert manifest["beta"] == "per layer (searched)" and all(0 <= e["beta"] <= 1 and len(e["beta_errors"]) == 11 for e in downs)
+    assert all(e["beta_errors"][f"{e['beta']:g}"] == min(e["beta_errors"].values()) for e in downs)
 
     # The exported integer codes dequantize to exactly the weights the model computes with.
     codes = load_file(str(out / QUANTIZED_WEIGHTS))
@@ -87,6 +90,16 @@ def test_w8a8_stays_close_reloads_bit_identically_and_exports_integer_codes(tiny
 
     result = read_json(run_evaluate(str(out), "llava", dataset, tmp_path / "eval.json", 3, {"method": "qsvd"}))
     assert result["quantization"] == "W8A8 (simulated quantization)" and result["R1"] == manifest["cost"]["R1"]
+
+
+def test_fixed_beta_keeps_the_low_rank_models_beta_and_search_needs_data(tiny_model, dataset, tmp_path):  # noqa: F811
+    model, processor = tiny_model("smolvlm", kv_heads=2)
+    lowrank = _lowrank_checkpoint("smolvlm", model, processor, dataset, tmp_path)
+    with pytest.raises(ValueError, match="calibration data"):
+        run_quantize(str(lowrank), "smolvlm", None, QuantSpec(weight_bits=4, act_bits=8), tmp_path / "never")
+    out = run_quantize(str(lowrank), "smolvlm", None, QuantSpec(weight_bits=4, act_bits=8, beta_search=False), tmp_path / "fixed")
+    manifest = read_json(out / "manifest.json")
+    assert manifest["beta"] == 0.2 and not any("beta" in e for e in manifest["quantization"]["layers"])
 
 
 def test_gptq_uses_calibration_inputs_and_rejects_a_missing_dataset(tiny_model, dataset, tmp_path, images):  # noqa: F811

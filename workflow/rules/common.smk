@@ -116,7 +116,7 @@ def quant_spec(wildcards):
     weight_bits, act_bits = QUANT.bits(fmt)
     spec = dict(weight_bits=weight_bits, act_bits=act_bits, weight_method=QUANT.weight_method, group_size=QUANT.group_size,
                 lm_clip=QUANT.lm_clip, vision_clip=QUANT.vision_clip, rotate=rotate, rotate_latent=rotate,
-                vision=QUANT.vision, seed=seed)
+                vision=QUANT.vision, beta_search=QUANT.beta_search, seed=seed)
     return json.dumps(spec, sort_keys=True)
 
 
