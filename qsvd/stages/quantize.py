@@ -23,7 +23,7 @@ from qsvd.math.beta import choose_beta, latent_singular_values, rebalance
 from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_per_token, quantize_rtn
 from qsvd.models.checkpoint import QUANTIZED_STAGE, QUANTIZED_WEIGHTS, open_checkpoint, save_checkpoint
 from qsvd.models.quantized import Target, input_transforms, quantization_targets
-from qsvd.models.registry import family_by_name
+from qsvd.models.registry import attention_shape, decoder_layers, family_by_name
 from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents
 from qsvd.stages.calibration import calibration_batches
 
@@ -109,7 +109,7 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
             "layers": layers,
             "full_precision": ["embeddings", "lm_head"] + ([] if spec.vision or not adapter.multimodal else ["vision tower", "projector"]),
         },
-        cost=_quantized_cost(base_manifest.get("cost", {"R1": 1.0, "R2": 1.0}), spec),
+        cost=_quantized_cost(base_manifest.get("cost", {"R1": 1.0, "R2": 1.0}), spec) | _byte_figures(model, adapter, codes, spec, base_manifest),
         layout=base_manifest.get("layout"),
         units=base_manifest.get("units", []),
     )
@@ -227,6 +227,30 @@ def _layer_record(target: Target, transforms, spec: QuantSpec) -> dict:
         record["input_bits"] = spec.act_bits
         record["input"] = "the shared latent, quantized once by its down-projection"
     return record
+
+
+def _byte_figures(model, family, codes: dict[str, torch.Tensor], spec: QuantSpec, base_manifest: dict) -> dict:
+    """Model bytes (integer codes + fp16 scales/zeros + everything else at fp16) and cache bytes per token
+    (cached elements at activation bits + one fp16 scale per cached vector per token)."""
+    quantized = {name[: -len(".codes")] for name in codes if name.endswith(".codes")}
+    code_bytes = sum(t.numel() * spec.weight_bits / 8 if name.endswith(".codes") else t.numel() * 2 for name, t in codes.items())
+    other = sum(p.numel() for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized)
+    shape = attention_shape(model)
+    layers = len(decoder_layers(model, family))
+    dense_cache = layers * (shape.k_out + shape.v_out)
+    elements = base_manifest["cost"]["kv_cache_bytes_per_token"] / 2 if "cost" in base_manifest else dense_cache
+    vectors = 2 * layers
+    if base_manifest.get("units"):  # one scale per cached latent, two (K, V) per cached K/V pair
+        covered = {(u["layer"], p) for u in base_manifest["units"] for p in u["group"]}
+        vectors = sum({"latent": 1, "kv": len(set(u["group"]) & {"k", "v"}), "none": 0}[u["caches"]] for u in base_manifest["units"])
+        vectors += sum(1 for layer in range(layers) for p in ("k", "v") if (layer, p) not in covered)
+    act_bits = spec.act_bits or 16
+    return {
+        "weight_bytes": int(code_bytes + 2 * other),
+        "dense_weight_bytes": 2 * sum(p.numel() for p in model.parameters()),
+        "kv_cache_bytes_per_token": elements * act_bits / 8 + (2 * vectors if spec.act_bits else 0),
+        "dense_kv_cache_bytes_per_token": 2 * dense_cache,
+    }
 
 
 def _quantized_cost(cost: dict, spec: QuantSpec) -> dict:

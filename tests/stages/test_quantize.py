@@ -76,6 +76,10 @@ def test_w8a8_stays_close_reloads_bit_identically_and_exports_integer_codes(tiny
     assert all(e["weight_bits"] == 8 and e["input_bits"] == 8 for e in layers.values())
     assert all(e["input_clip"] == 1.0 for e in layers.values() if "input_clip" in e)
     assert manifest["cost"]["R1"] == pytest.approx(base["cost"]["R1"] / 2)
+    # bytes: the latent cached at 8 bits plus one fp16 scale per layer and token; weights about halved
+    cost = manifest["cost"]
+    assert cost["kv_cache_bytes_per_token"] == base["cost"]["kv_cache_bytes_per_token"] / 2 + 2 * len(downs)
+    assert 0.5 * cost["dense_weight_bytes"] < cost["weight_bytes"] < 0.75 * cost["dense_weight_bytes"]
     # β chosen per layer on the calibration inputs, with every grid point's error recorded
     assert manifest["beta"] == "per layer (searched)" and all(0 <= e["beta"] <= 1 and len(e["beta_errors"]) == 11 for e in downs)
     assert all(e["beta_errors"][f"{e['beta']:g}"] == min(e["beta_errors"].values()) for e in downs)
