@@ -26,7 +26,8 @@ def test_workflow_produces_the_report(finished_workdir):
         # W8A8 halves R1 and R2 (the paper's Table 2 convention)
         assert sorted(2 * float(r["R1"]) for r in quantized) == pytest.approx(sorted(float(r["R1"]) for r in compressed))
     quarot = [r for r in rows if r["method"] == "quarot"]
-    assert len(quarot) == 1 and float(quarot[0]["R1"]) == 0.5 and float(quarot[0]["score"]) > 0.3
+    full = next(float(r["score"]) for r in rows if r["method"] == "uncompressed")
+    assert len(quarot) == 1 and float(quarot[0]["R1"]) == 0.5 and abs(float(quarot[0]["score"]) - full) <= 0.15
     assert "svd-llm" in (report / "tables.md").read_text()
     assert (report / "tradeoff.png").stat().st_size > 1000
     results = finished_workdir / "results" / "demo-test"
