@@ -123,6 +123,7 @@ class QuantizationConfig:
     seeds: tuple[int, ...] = (0,)
     quarot: bool = True
     rotation_ablation: bool = False
+    beta_search: bool = True
 
     @staticmethod
     def bits(fmt: str) -> tuple[int | None, int | None]:
@@ -134,7 +135,8 @@ class QuantizationConfig:
         """Path segment naming one quantized setting."""
         group = "" if self.group_size is None else f"-g{self.group_size}"
         scope = "" if self.vision else "-lmonly"
-        return f"{fmt}-{self.weight_method}{group}-c{self.lm_clip:g}-{self.vision_clip:g}{scope}-{'rot' if rotate else 'norot'}-s{seed}"
+        beta = "" if self.beta_search else "-fixedbeta"
+        return f"{fmt}-{self.weight_method}{group}-c{self.lm_clip:g}-{self.vision_clip:g}{scope}{beta}-{'rot' if rotate else 'norot'}-s{seed}"
 
     def settings(self) -> list[tuple[str, int, bool]]:
         """Every (format, seed, rotate) the config asks for; without rotations nothing is random: one seed."""
