@@ -8,6 +8,9 @@ with answer-only loss through the frozen LM. The processor is transformers' Idef
 (SmolVLMProcessor needs the package num2words; Idefics3Processor writes the same single-image
 prompt), without image splitting. SmolVLM's four special tokens are added to the SmolLM2 tokenizer;
 their new embedding rows (tied with the LM head) are trained, every original row is not.
+Measured (2026-11-23, 1 torch thread on a heavily shared 2-core machine): the full recipe trains in
+22 min and answers 0.474 of 500 held-out questions; always "no" scores about 0.37 and the demo
+LLaVA, whose LM is trained, about 0.89. A frozen LM needs far more than 1500 questions to answer well.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ def language_model_dir(lm_dir: Path) -> Path:
     return Path(lm_dir)
 
 
-def fit_smolvlm_offline(lm_dir: Path, seed: int = 0, max_minutes: float = 60.0, **recipe) -> tuple[nn.Module, Idefics3Processor, dict]:
+def fit_smolvlm_offline(lm_dir: Path, seed: int = 0, max_minutes: float = 120.0, **recipe) -> tuple[nn.Module, Idefics3Processor, dict]:
     """Build and train the smolvlm-offline model and measure its held-out accuracy: (model, processor, summary).
 
     `recipe` overrides `FULL_RECIPE` (then `DemoRecipe`) and `VisionSizes` fields; as the demo, training
@@ -225,7 +228,7 @@ def fit_smolvlm_offline(lm_dir: Path, seed: int = 0, max_minutes: float = 60.0, 
     }
 
 
-def train_smolvlm_offline(out_dir: Path, lm_dir: Path, seed: int = 0, max_minutes: float = 60.0, **recipe) -> dict:
+def train_smolvlm_offline(out_dir: Path, lm_dir: Path, seed: int = 0, max_minutes: float = 120.0, **recipe) -> dict:
     """Build, train, evaluate and save the smolvlm-offline model with its processor into `out_dir`; return the summary."""
     model, processor, summary = fit_smolvlm_offline(lm_dir, seed, max_minutes, **recipe)
     save_demo_model(out_dir, model, processor, summary)
