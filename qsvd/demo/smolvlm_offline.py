@@ -44,7 +44,6 @@ from qsvd.models.prompts import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 STAGE = "smolvlm_offline_model"
-VERSION = 1  # the rule's version param: bump when a change alters the trained model
 SCALE_FACTOR = 2  # pixel shuffle: 2x2 patches per image token
 FAKE_IMAGE, IMAGE, END_OF_UTTERANCE, GLOBAL_IMAGE = "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"
 NEW_TOKENS = (FAKE_IMAGE, IMAGE, END_OF_UTTERANCE, GLOBAL_IMAGE)
@@ -216,7 +215,7 @@ def fit_smolvlm_offline(lm_dir: Path, seed: int = 0, max_minutes: float = 120.0,
     original_vocab = AutoConfig.from_pretrained(str(lm_dir)).vocab_size
     summary = fit_vlm(model, processor, SmolVLMParts(original_vocab), plan, seed, start, start + 60.0 * max_minutes)
     manifest = Path(lm_dir) / MANIFEST
-    config = {"max_minutes": max_minutes, "recipe": asdict(plan), "language_model": str(lm_dir), "version": VERSION}
+    config = {"max_minutes": max_minutes, "recipe": asdict(plan), "language_model": str(lm_dir)}
     return model, processor, provenance(STAGE, config, seed) | summary | {
         "sizes": asdict(VisionSizes(**sizes)),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -1,5 +1,8 @@
-"""The smolvlm-offline model: SmolLM2 stays bit-identical inside it, the reduced recipe beats
-question-only guessing, and the saved checkpoint goes through the pipeline's loading and prompt doors."""
+"""The smolvlm-offline model: SmolLM2 stays bit-identical inside it, the training shortcut is the model's
+own loss, and the saved checkpoint goes through the pipeline's loading, prompt and generation doors.
+
+Accuracy is not tested here: the full recipe takes 22 min on the shared 2-core machine and reaches
+0.474 on 500 held-out questions (README); a tiny recipe exercises the same code in about a minute."""
 
 from __future__ import annotations
 
@@ -30,31 +33,25 @@ from qsvd.demo.train import (
 from qsvd.models.checkpoint import open_model
 from qsvd.models.prompts import chat_prompt, decode_generated, encode_prompt, encode_with_answer
 from qsvd.models.registry import decoder_layers, family_by_name, family_of
-from qsvd.stages.export_smollm2 import export_checkpoint, load_gguf_smollm2
 
 pytestmark = pytest.mark.slow
 
-# 320 questions through the frozen 135M LM: measured 360 s of training and 0.36 held-out accuracy
-# (2026-11-23, 1 thread on a heavily shared 2-core machine); always "no" scores about 0.37. Too little
-# training to beat guessing: the floor guards against collapse (0.12 when <end_of_utterance> started
-# as the mean row and the model ended answers at once), not learning quality.
-REDUCED = {"max_train_images": 160, "vision_epochs": 16, "max_train_questions": 320, "eval_questions": 100}
-ACCURACY_FLOOR = 0.25
+# The real training path at a size for tests: a few images and questions, a few steps of each phase.
+TINY = {"max_train_images": 16, "vision_epochs": 1, "max_train_questions": 16, "eval_questions": 8}
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
+@pytest.fixture
+def smollm2_dir(smollm2_checkpoint):
     """The SmolLM2 export that the workflow's smolvlm_offline_language_model rule makes."""
-    model, tokenizer = load_gguf_smollm2()
-    return export_checkpoint(model, tokenizer, tmp_path_factory.mktemp("smollm2") / "model")
+    return smollm2_checkpoint
 
 
 @pytest.fixture(scope="module")
-def trained(smollm2_dir, tmp_path_factory):
-    """(directory, model, processor, summary) of the reduced recipe, trained once for this module."""
+def trained(smollm2_checkpoint, tmp_path_factory):
+    """(directory, model, processor, summary) of the tiny recipe, trained once for this module."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
-        model, processor, summary = fit_smolvlm_offline(smollm2_dir, seed=0, **REDUCED)
+        model, processor, summary = fit_smolvlm_offline(smollm2_checkpoint, seed=0, **TINY)
         directory = save_demo_model(tmp_path_factory.mktemp("smolvlm") / "model", model, processor, summary)
     return directory, model, processor, summary
 
@@ -96,13 +93,13 @@ def test_language_model_is_smollm2_bit_for_bit(smollm2_dir, trained):
     assert not torch.equal(added[0], smollm2.model.embed_tokens.weight.mean(0))  # the new rows trained
 
 
-def test_reduced_recipe_beats_question_only(trained):
+def test_tiny_recipe_runs_every_planned_step_and_records_its_summary(trained):
     directory, *_, summary = trained
     assert not summary["cut_by_time_limit"]
-    assert summary["lm_steps"] == summary["lm_steps_planned"]
-    assert summary["held_out_questions"] == REDUCED["eval_questions"]
+    assert summary["lm_steps"] == summary["lm_steps_planned"] > 0
+    assert summary["held_out_questions"] == TINY["eval_questions"]
     assert json.loads((directory / SUMMARY).read_text())["held_out_accuracy"] == summary["held_out_accuracy"]
-    assert summary["held_out_accuracy"] >= ACCURACY_FLOOR, summary
+    assert summary["trained_parameters"] < summary["parameters"] / 100  # the vision side only
 
 
 def test_checkpoint_reloads_through_the_pipeline_doors(trained):
@@ -112,7 +109,7 @@ def test_checkpoint_reloads_through_the_pipeline_doors(trained):
         reloaded, reprocessor = open_model(str(directory), "smolvlm")
     family = family_by_name("smolvlm")
     assert family_of(reloaded) is family and len(decoder_layers(reloaded, family)) == 30
-    records, paths = held_out_questions(REDUCED["eval_questions"])
+    records, paths = held_out_questions(TINY["eval_questions"])
     r = records[0]
     image = Image.open(paths[r.image]).convert("RGB")
     prompt = chat_prompt(reprocessor, family, r.question)

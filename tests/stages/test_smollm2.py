@@ -9,7 +9,7 @@ from qsvd.models.checkpoint import open_model
 from qsvd.stages.activation_stats import run_activation_stats
 from qsvd.stages.decompose import run_decompose
 from qsvd.stages.evaluate import run_evaluate
-from qsvd.stages.export_smollm2 import GGUF_FILE, export_checkpoint, load_gguf_smollm2
+from qsvd.stages.export_smollm2 import GGUF_FILE
 from qsvd.stages.importance import run_importance
 from qsvd.stages.lowrank_model import run_lowrank_model
 from qsvd.stages.quantize import QuantSpec, run_quantize
@@ -20,15 +20,9 @@ pytestmark = pytest.mark.slow
 SAMPLE = "Mr. Speaker, Members of Congress, my fellow Americans: the state of our Union is strong."
 
 
-@pytest.fixture(scope="module")
-def gguf_smollm2():
-    return load_gguf_smollm2()  # ~20-40 s: parsing and dequantizing the GGUF file
-
-
-@pytest.fixture(scope="module")
-def exported(gguf_smollm2, tmp_path_factory):
-    model, tokenizer = gguf_smollm2
-    return export_checkpoint(model, tokenizer, tmp_path_factory.mktemp("smollm2") / "model")
+@pytest.fixture
+def exported(smollm2_checkpoint):
+    return smollm2_checkpoint
 
 
 def test_exported_checkpoint_reloads_with_the_gguf_models_logits(gguf_smollm2, exported):

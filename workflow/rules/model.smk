@@ -46,7 +46,6 @@ if CFG.model.source == "smollm2":
 
 if CFG.model.source == "smolvlm-offline":
     # The frozen language model is the smollm2 source's export, made here as its own cached output.
-    from qsvd.demo.smolvlm_offline import VERSION as SMOLVLM_OFFLINE_VERSION
 
     rule smolvlm_offline_language_model:
         output:
@@ -74,7 +73,7 @@ if CFG.model.source == "smolvlm-offline":
             seed=CFG.demo.seed,
             max_minutes=CFG.demo.max_minutes,
             recipe=json.dumps(CFG.demo.recipe, sort_keys=True),
-            version=SMOLVLM_OFFLINE_VERSION,
+            version=STAGE_VERSIONS["smolvlm_offline_model"],
         log:
             f"{RESULTS}/logs/smolvlm_offline_model.log",
         benchmark:
