@@ -11,7 +11,6 @@ stay in full precision. Every result of this stage is simulated quantization.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,16 +128,13 @@ def _search_betas(model, processor, family, data_dir: Path | None, spec: QuantSp
         raise ValueError("the per-layer β search needs calibration data (--data); set beta_search false to keep the fixed β")
     units = latent_modules(model, family)
     names = {id(module): name for name, module in model.named_modules()}
-    inputs: dict[int, list[torch.Tensor]] = {index: [] for index in range(len(units))}
-    handles = [down.input_transform.register_forward_hook(lambda m, args, out, index=index: inputs[index].append(out.detach().reshape(-1, out.shape[-1])))
-               for index, (down, _) in enumerate(units)]
-    try:
-        with torch.no_grad():
-            for batch in calibration_batches(processor, family, data_dir, with_answer=False):
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    inputs: dict[str, list[torch.Tensor]] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
+
+    targets = [Target(names[id(down)], "lm", "latent_down") for down, _ in units]
+    _calibration_pass(model, processor, family, data_dir, targets, record, "β search inputs")
     fmt = spec.weight_format() if spec.weight_bits is not None else None
 
     def quantize_weight(weight):
@@ -149,7 +145,7 @@ def _search_betas(model, processor, family, data_dir: Path | None, spec: QuantSp
 
     chosen = {}
     for index, (down, ups) in enumerate(tqdm(units, desc="per-layer β")):
-        tokens = torch.cat(inputs.pop(index))[:BETA_SEARCH_TOKENS]
+        tokens = torch.cat(inputs.pop(names[id(down)]))[:BETA_SEARCH_TOKENS]
         up = torch.cat([u.weight.detach() for u in ups])
         rotation = None if latent_rotations is None else latent_rotations[index]
         best, errors = choose_beta(tokens, down.weight.detach(), up, sigmas[index], beta, quantize_weight, quantize_activation, rotation)
@@ -177,22 +173,33 @@ def _quantize_weight(model, target: Target, spec: QuantSpec, hessian: torch.Tens
     return tensors
 
 
-@contextmanager
-def _recording_matmul_inputs(model, targets: list[Target], record):
-    """Call `record(name, x)` with the input of every target's matmul (after its online rotation)."""
+def _calibration_pass(model, processor, family, data_dir: Path, targets: list[Target], record, what: str) -> None:
+    """Run the calibration samples once, calling `record(name, x)` with the input of every target's matmul
+    (after its online rotation); every target must be reached."""
+    reached = set()
+
+    def hook(name):
+        def observe(module, args, out) -> None:  # returns None: a forward hook's return value replaces the output
+            reached.add(name)
+            record(name, out)
+
+        return observe
+
     handles = []
     try:
         for target in targets:
             module = model.get_submodule(target.name)
-            if target.kind == "latent_up":
-                hook = module.down.latent_transform.register_forward_hook(lambda m, args, out, n=target.name: record(n, out))
-            else:
-                hook = module.input_transform.register_forward_hook(lambda m, args, out, n=target.name: record(n, out))
-            handles.append(hook)
-        yield
+            transform = module.down.latent_transform if target.kind == "latent_up" else module.input_transform
+            handles.append(transform.register_forward_hook(hook(target.name)))
+        with torch.no_grad():
+            for batch in tqdm(calibration_batches(processor, family, data_dir, with_answer=False), desc=what):
+                model(**batch)
     finally:
         for handle in handles:
             handle.remove()
+    missing = [t.name for t in targets if t.name not in reached]
+    if missing:
+        raise RuntimeError(f"no calibration input reached {missing[:3]}: is the calibration set for this model's modality?")
 
 
 def _input_hessians(model, processor, family, targets: list[Target], data_dir: Path | None) -> dict[str, torch.Tensor]:
@@ -205,12 +212,7 @@ def _input_hessians(model, processor, family, targets: list[Target], data_dir: P
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         hessians[name] = hessians.get(name, 0) + flat.T @ flat
 
-    with torch.no_grad(), _recording_matmul_inputs(model, targets, record):
-        for batch in tqdm(calibration_batches(processor, family, data_dir, with_answer=False), desc="GPTQ Hessians"):
-            model(**batch)
-    missing = [t.name for t in targets if t.name not in hessians]
-    if missing:
-        raise RuntimeError(f"no calibration input reached {missing[:3]}: is the calibration set for this model's modality?")
+    _calibration_pass(model, processor, family, data_dir, targets, record, "GPTQ Hessians")
     return hessians
 
 
