@@ -144,6 +144,8 @@ def test_train_demo_model_is_deterministic_and_atomic(tmp_path, monkeypatch):
     first = train_demo_model(tmp_path / "a", seed=3, **MICRO)
     second = train_demo_model(tmp_path / "b", seed=3, **MICRO)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary siblings left
+    # determinism holds for complete runs: a run cut by the time cap (a loaded machine) stops early
+    assert not first["cut_by_time_limit"] and not second["cut_by_time_limit"], "training hit max_minutes: machine too busy"
     weights_a, weights_b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
