@@ -44,13 +44,19 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
-class DemoSizes:
-    """Widths and depths of the demo LLaVA (the patch size comes from the processor)."""
+class VisionSizes:
+    """Widths and depths of a trained vision tower (the patch size comes from the processor)."""
 
     vision_hidden: int = 64
     vision_intermediate: int = 256
     vision_layers: int = 2
     vision_heads: int = 4
+
+
+@dataclass(frozen=True)
+class DemoSizes(VisionSizes):
+    """Widths and depths of the demo LLaVA: its vision tower and its language model."""
+
     text_hidden: int = 128
     text_intermediate: int = 256
     text_layers: int = 2

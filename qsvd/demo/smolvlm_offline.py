@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from qsvd.artefacts import MANIFEST, provenance, read_json
-from qsvd.demo.build import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, PATCH_SIZE
+from qsvd.demo.build import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, PATCH_SIZE, VisionSizes  # the LM's sizes come from SmolLM2
 from qsvd.demo.train import fit_vlm, save_demo_model, split_overrides
 from qsvd.models.prompts import IGNORE_INDEX
 
@@ -62,16 +62,6 @@ CHAT_TEMPLATE = (
 # sample of 1500 questions of the first 400 images.
 FULL_RECIPE = {"max_train_images": 400, "vision_epochs": 16.0, "max_train_questions": 1500, "lm_epochs": 1.0,
                "lm_images_per_step": 8, "lm_lr": 3e-3}
-
-
-@dataclass(frozen=True)
-class VisionSizes:
-    """Widths and depths of the trained vision tower (the language model's come from SmolLM2)."""
-
-    vision_hidden: int = 64
-    vision_intermediate: int = 256
-    vision_layers: int = 2
-    vision_heads: int = 4
 
 
 def build_smolvlm_processor(lm_dir: Path) -> Idefics3Processor:
