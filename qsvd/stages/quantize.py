@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qsvd.artefacts import provenance, write_tensors
+from qsvd.artefacts import provenance
 from qsvd.math.beta import choose_beta, latent_singular_values, rebalance
 from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_per_token, quantize_rtn
-from qsvd.models.checkpoint import QUANTIZED_STAGE, QUANTIZED_WEIGHTS, open_checkpoint, save_checkpoint
+from qsvd.models.checkpoint import QUANTIZED_STAGE, QUANTIZED_WEIGHTS, ROTATIONS, open_checkpoint, save_checkpoint
 from qsvd.models.quantized import Target, input_transforms, quantization_targets
 from qsvd.models.registry import attention_shape, decoder_layers, family_by_name
 from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents
@@ -117,9 +117,8 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
             manifest[key] = base_manifest[key]
     if betas:
         manifest["beta"] = "per layer (searched)"
-    out = save_checkpoint(model, processor, out_dir, manifest, extra_tensors={"rotations.safetensors": rotations.matrices})
-    write_tensors(out / QUANTIZED_WEIGHTS, codes)
-    return out
+    return save_checkpoint(model, processor, out_dir, manifest,
+                           extra_tensors={ROTATIONS: rotations.matrices, QUANTIZED_WEIGHTS: codes})
 
 
 def _search_betas(model, processor, family, data_dir: Path | None, spec: QuantSpec, sigmas, latent_rotations, beta: float) -> dict[str, dict]:
