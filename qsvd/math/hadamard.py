@@ -149,9 +149,19 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()  # QR returns column-major storage
 
 
-def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """n seeded ±1 values (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
+
+
+def rotation_matrix(n: int, seed: int, randomized: bool = False) -> tuple[torch.Tensor, str]:
     """An orthonormal n×n rotation (float64) and its kind: the normalised Hadamard matrix where one is
-    constructible ("hadamard"), else a seeded random orthogonal matrix ("random")."""
-    if has_hadamard(n):
-        return hadamard_matrix(n) / math.sqrt(n), "hadamard"
-    return random_orthogonal(n, seed), "random"
+    constructible ("hadamard"), with `randomized` QuaRot's D·H with seeded random signs D
+    ("randomized-hadamard"), else a seeded random orthogonal matrix ("random")."""
+    if not has_hadamard(n):
+        return random_orthogonal(n, seed), "random"
+    matrix = hadamard_matrix(n) / math.sqrt(n)
+    if randomized:
+        return random_signs(n, seed)[:, None] * matrix, "randomized-hadamard"
+    return matrix, "hadamard"

@@ -35,16 +35,18 @@ SEED_OFFSETS = {"residual": 0, "mlp_down": 1, "heads": 2, "head_dim": 3, "latent
 
 @dataclass
 class Rotations:
-    """The rotations applied: role -> {"size", "kind"}, and the matrices of the "random" ones."""
+    """The rotations applied: role -> {"size", "kind", "seed"}, and the matrices of the online "random" ones."""
 
     roles: dict[str, dict] = field(default_factory=dict)
     matrices: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def make(self, role: str, size: int, seed: int) -> torch.Tensor:
-        """A new orthonormal matrix for `role`, float64: Hadamard where constructible, else seeded random."""
+    def make(self, role: str, size: int, seed: int, online: bool = False) -> torch.Tensor:
+        """A new orthonormal matrix for `role`, float64. Where a Hadamard is constructible: a plain one for
+        `online` roles (applied to activations at run time), QuaRot's randomized D·H for rotations only
+        folded into weights (so seeds give different rotations); else a seeded random orthogonal matrix."""
         if role in self.roles:
             raise ValueError(f"rotation {role!r} was already made")
-        matrix, kind = rotation_matrix(size, seed)
+        matrix, kind = rotation_matrix(size, seed, randomized=not online)
         self.roles[role] = {"size": size, "kind": kind, "seed": seed}
         if kind == "random":
             self.matrices[role] = matrix.to(torch.float32)
@@ -134,8 +136,8 @@ def rotate_language_model(model: nn.Module, family: ModelFamily, seed: int) -> R
     untie_lm_head(model, family)
     fold_norms(model, family)
     residual = rotations.make("residual", shape.hidden_size, seed + SEED_OFFSETS["residual"])
-    mlp_down = rotations.make("mlp_down", config.intermediate_size, seed + SEED_OFFSETS["mlp_down"])
-    heads = rotations.make("heads", shape.num_heads, seed + SEED_OFFSETS["heads"])
+    mlp_down = rotations.make("mlp_down", config.intermediate_size, seed + SEED_OFFSETS["mlp_down"], online=True)
+    heads = rotations.make("heads", shape.num_heads, seed + SEED_OFFSETS["heads"], online=True)
     head_dim = rotations.make("head_dim", shape.head_dim, seed + SEED_OFFSETS["head_dim"])
     with torch.no_grad():
         embeddings = part(model, family.embeddings, family)

@@ -68,3 +68,15 @@ def test_rotation_matrix_prefers_hadamard_and_falls_back_to_random():
     torch.testing.assert_close(rotation, hadamard_matrix(576) / 24.0, rtol=0, atol=0)
     rotation, kind = rotation_matrix(1076, seed=0)  # 4·269: no construction, like SigLIP's 16·269
     assert kind == "random" and torch.equal(rotation, random_orthogonal(1076, seed=0))
+
+
+def test_randomized_hadamard_is_a_signed_hadamard_that_depends_on_the_seed():
+    plain = hadamard_matrix(48) / math.sqrt(48)
+    rotation, kind = rotation_matrix(48, seed=1, randomized=True)
+    assert kind == "randomized-hadamard"
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
+    signs = rotation[:, 0] / plain[:, 0]
+    assert set(signs.tolist()) == {-1.0, 1.0}  # both signs occur: D is not ±I
+    torch.testing.assert_close(rotation, signs[:, None] * plain, rtol=0, atol=0)
+    assert torch.equal(rotation, rotation_matrix(48, seed=1, randomized=True)[0])
+    assert not torch.equal(rotation, rotation_matrix(48, seed=2, randomized=True)[0])

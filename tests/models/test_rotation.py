@@ -72,6 +72,8 @@ def test_rotation_changes_the_weights_and_records_what_it_did(tiny_model):
     assert not torch.allclose(part(model, family.embeddings, family).weight, before)
     assert set(rotations.roles) == {"residual", "mlp_down", "heads", "head_dim"}
     assert all(set(role) == {"size", "kind", "seed"} for role in rotations.roles.values())
+    kinds = {name: role["kind"] for name, role in rotations.roles.items()}
+    assert kinds["residual"] == "randomized-hadamard" and kinds["mlp_down"] == "hadamard"  # only folded rotations take signs
     with pytest.raises(ValueError, match="already made"):
         rotations.make("residual", 8, 0)
 

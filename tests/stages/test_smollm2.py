@@ -110,7 +110,7 @@ def test_rotations_keep_smollm2_and_w8a8_stays_close(exported, tmp_path):
     rotated_dir = run_quantize(source, "llama", None, QuantSpec(weight_bits=None, act_bits=None), tmp_path / "rotated")
     rotated, _ = open_model(str(rotated_dir), "llama")
     manifest = read_json(rotated_dir / "manifest.json")
-    assert manifest["quantization"]["rotations"]["residual"]["kind"] == "hadamard"
+    assert manifest["quantization"]["rotations"]["residual"]["kind"] == "randomized-hadamard"
     assert manifest["quantization"]["rotations"]["heads"]["kind"] == "random"
     with torch.no_grad():
         torch.testing.assert_close(rotated(input_ids=ids).logits, expected, rtol=1e-3, atol=1e-3)
