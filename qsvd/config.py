@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -111,6 +111,15 @@ class FactorsConfig:
         return f"beta{self.beta:g}"
 
 
+class QuantSetting(NamedTuple):
+    """One quantized setting of a run: its format, rotation seed, rotations on/off and β (None: per layer)."""
+
+    fmt: str
+    seed: int
+    rotate: bool
+    beta: float | None
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     formats: tuple[str, ...] = ()
@@ -123,7 +132,8 @@ class QuantizationConfig:
     seeds: tuple[int, ...] = (0,)
     quarot: bool = True
     rotation_ablation: bool = False
-    beta_search: bool = True
+    beta: float | None = None
+    beta_ablation: tuple[float, ...] = ()
 
     @staticmethod
     def bits(fmt: str) -> tuple[int | None, int | None]:
@@ -131,17 +141,27 @@ class QuantizationConfig:
         weight, act = (int(b) for b in fmt[1:].split("A"))
         return (None if weight == 16 else weight), (None if act == 16 else act)
 
-    def key(self, fmt: str, seed: int, rotate: bool) -> str:
+    def key(self, fmt: str, seed: int, rotate: bool, beta: float | None) -> str:
         """Path segment naming one quantized setting."""
         group = "" if self.group_size is None else f"-g{self.group_size}"
         scope = "" if self.vision else "-lmonly"
-        beta = "" if self.beta_search else "-fixedbeta"
-        return f"{fmt}-{self.weight_method}{group}-c{self.lm_clip:g}-{self.vision_clip:g}{scope}{beta}-{'rot' if rotate else 'norot'}-s{seed}"
+        fixed = "" if beta is None else f"-beta{beta:g}"
+        return f"{fmt}-{self.weight_method}{group}-c{self.lm_clip:g}-{self.vision_clip:g}{scope}{fixed}-{'rot' if rotate else 'norot'}-s{seed}"
 
-    def settings(self) -> list[tuple[str, int, bool]]:
-        """Every (format, seed, rotate) the config asks for; without rotations nothing is random: one seed."""
-        rotations = [self.rotate] + ([not self.rotate] if self.rotation_ablation else [])
-        return [(fmt, seed, rotate) for fmt in self.formats for rotate in rotations for seed in (self.seeds if rotate else self.seeds[:1])]
+    def settings(self) -> list[QuantSetting]:
+        """The main settings (every format and seed at `beta`, with `rotate`), then the rotation ablation
+        (without rotations nothing is random: one seed), then the β ablation."""
+        main = [QuantSetting(fmt, seed, self.rotate, self.beta) for fmt in self.formats for seed in self.seeds]
+        unrotated = [QuantSetting(fmt, self.seeds[0], not self.rotate, self.beta) for fmt in self.formats] if self.rotation_ablation else []
+        return main + unrotated + self.beta_ablation_settings()
+
+    def beta_ablation_settings(self) -> list[QuantSetting]:
+        """β ablation (paper Table 4): each value of `beta_ablation` and per-layer β other than `beta`, every
+        format and seed."""
+        if not self.beta_ablation:
+            return []
+        betas = [b for b in dict.fromkeys([*self.beta_ablation, None]) if b != self.beta]
+        return [QuantSetting(fmt, seed, self.rotate, beta) for fmt in self.formats for beta in betas for seed in self.seeds]
 
 
 @dataclass(frozen=True)

@@ -104,11 +104,20 @@ def test_quantization_settings_keys_and_bits():
     quant = config.quantization
     assert quant.bits("W8A8") == (8, 8) and quant.bits("W4A16") == (4, None)
     # rotated settings per seed; without rotations nothing is random, so one seed
-    assert quant.settings() == [("W8A8", 0, True), ("W8A8", 1, True), ("W8A8", 0, False),
-                                ("W4A16", 0, True), ("W4A16", 1, True), ("W4A16", 0, False)]
+    assert quant.settings() == [("W8A8", 0, True, None), ("W8A8", 1, True, None), ("W4A16", 0, True, None),
+                                ("W4A16", 1, True, None), ("W8A8", 0, False, None), ("W4A16", 0, False, None)]
     keys = [quant.key(*s) for s in quant.settings()]
     assert len(set(keys)) == len(keys) and keys[0] == "W8A8-rtn-c0.9-0.85-rot-s0"
     assert load_config(BASE).quantization.settings() == []
+
+
+def test_beta_ablation_adds_each_fixed_beta_and_per_layer_beta_besides_the_main_one():
+    quant = load_config(_with(["quantization"], {"formats": ["W4A4"], "seeds": [0, 1], "beta": 0.2, "beta_ablation": [0, 0.2, 0.8]})).quantization
+    assert quant.settings()[:2] == [("W4A4", 0, True, 0.2), ("W4A4", 1, True, 0.2)]
+    assert quant.beta_ablation_settings() == [("W4A4", s, True, b) for b in (0.0, 0.8, None) for s in (0, 1)]
+    assert quant.key("W4A4", 0, True, 0.8) == "W4A4-rtn-c0.9-0.85-beta0.8-rot-s0"
+    with pytest.raises(ConfigError, match="quantization.beta_ablation"):
+        load_config(_with(["quantization"], {"beta_ablation": [1.5]}))
 
 
 @pytest.mark.parametrize("key,value", [("formats", ["W9A8"]), ("formats", ["8-bit"]), ("lm_clip", 1.5), ("weight_method", "awq"), ("bits", 4)])

@@ -47,7 +47,7 @@ class QuantSpec:
     vision: bool = True  # quantize the vision tower and projector too (multimodal families)
     gptq_damping: float = 0.01
     act_order: bool = False
-    beta_search: bool = True  # per-layer β (paper Eq. 14); False keeps the low-rank model's fixed β
+    beta: float | None = None  # None: β chosen per layer (paper Eq. 14); a number: that β in every layer
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,14 +57,16 @@ class QuantSpec:
             self.weight_format()  # range checks
         if self.act_bits is not None and not 2 <= self.act_bits <= 16:
             raise ValueError(f"act_bits must be in [2, 16] or None, got {self.act_bits}")
+        if self.beta is not None and not 0 <= self.beta <= 1:
+            raise ValueError(f"beta must be in [0, 1] (or None to choose it per layer), got {self.beta}")
 
     def weight_format(self) -> WeightFormat:
         return WeightFormat(self.weight_bits, self.symmetric, self.group_size, self.clip_search)
 
-    @property
-    def label(self) -> str:
-        """"W4A4", or "W4A4 without rotations" (the rotation ablation)."""
-        return f"W{self.weight_bits or 16}A{self.act_bits or 16}" + ("" if self.rotate else " without rotations")
+    def label(self, lowrank: bool) -> str:
+        """"W4A4"; "W4A4, fixed β 0.2" for a low-rank model at one fixed β; "… without rotations" (the ablation)."""
+        beta = f", fixed β {self.beta:g}" if lowrank and self.beta is not None else ""
+        return f"W{self.weight_bits or 16}A{self.act_bits or 16}{beta}" + ("" if self.rotate else " without rotations")
 
 
 def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: QuantSpec, out_dir: Path) -> Path:
@@ -74,8 +76,8 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
     lowrank = bool(latent_modules(model, adapter))
     if spec.rotate_latent and not spec.rotate:
         raise ValueError("rotate_latent (H2) needs rotate (H1) in this implementation: set both or neither")
-    search_beta = spec.beta_search and lowrank and (spec.weight_bits is not None or spec.act_bits is not None)
-    if search_beta:
+    set_beta = lowrank and (spec.weight_bits is not None or spec.act_bits is not None)
+    if set_beta:
         sigmas = [latent_singular_values(torch.cat([up.weight.detach() for up in ups]), base_manifest["beta"])
                   for _, ups in latent_modules(model, adapter)]
     rotations, latent_rotations = Rotations(), None
@@ -83,7 +85,9 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
         rotations = rotate_language_model(model, adapter, spec.seed)
         if spec.rotate_latent and lowrank:
             latent_rotations = rotate_latents(model, adapter, spec.seed, rotations)
-    betas = _search_betas(model, processor, adapter, data_dir, spec, sigmas, latent_rotations, base_manifest["beta"]) if search_beta else {}
+    betas = {}
+    if set_beta:
+        betas = _choose_betas(model, processor, adapter, data_dir, spec, sigmas, latent_rotations, base_manifest["beta"])
     targets = quantization_targets(model, adapter, vision=spec.vision and adapter.multimodal)
     transforms = {t.name: input_transforms(model, t) for t in targets}
     codes: dict[str, torch.Tensor] = {}
@@ -102,7 +106,7 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
         family=family,
         quantization={
             "simulated": True,
-            "label": spec.label,
+            "label": spec.label(lowrank),
             "spec": dataclasses.asdict(spec),
             "rotations": rotations.roles,
             "layers": layers,
@@ -116,24 +120,26 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
         if key in base_manifest:
             manifest[key] = base_manifest[key]
     if betas:
-        manifest["beta"] = "per layer (searched)"
+        manifest["beta"] = "per layer (searched)" if spec.beta is None else spec.beta
     return save_checkpoint(model, processor, out_dir, manifest,
                            extra_tensors={ROTATIONS: rotations.matrices, QUANTIZED_WEIGHTS: codes})
 
 
-def _search_betas(model, processor, family, data_dir: Path | None, spec: QuantSpec, sigmas, latent_rotations, beta: float) -> dict[str, dict]:
-    """Choose β per latent on calibration inputs (RTN as the weight quantizer) and rebalance its factors in place."""
-    if data_dir is None:
-        raise ValueError("the per-layer β search needs calibration data (--data); set beta_search false to keep the fixed β")
+def _choose_betas(model, processor, family, data_dir: Path | None, spec: QuantSpec, sigmas, latent_rotations, beta: float) -> dict[str, dict]:
+    """Set every latent's β in place, rebalancing its factors: `spec.beta`, or where it is None the β of
+    the grid with the smallest quantized output error on calibration inputs (RTN as the weight quantizer)."""
     units = latent_modules(model, family)
     names = {id(module): name for name, module in model.named_modules()}
     inputs: dict[str, list[torch.Tensor]] = {}
+    if spec.beta is None:
+        if data_dir is None:
+            raise ValueError("the per-layer β search needs calibration data (--data); set beta to a number to fix β instead")
 
-    def record(name: str, x: torch.Tensor) -> None:
-        inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
+        def record(name: str, x: torch.Tensor) -> None:
+            inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
 
-    targets = [Target(names[id(down)], "lm", "latent_down") for down, _ in units]
-    _calibration_pass(model, processor, family, data_dir, targets, record, "β search inputs")
+        targets = [Target(names[id(down)], "lm", "latent_down") for down, _ in units]
+        _calibration_pass(model, processor, family, data_dir, targets, record, "β search inputs")
     fmt = spec.weight_format() if spec.weight_bits is not None else None
 
     def quantize_weight(weight):
@@ -143,17 +149,20 @@ def _search_betas(model, processor, family, data_dir: Path | None, spec: QuantSp
         return x if spec.act_bits is None else quantize_per_token(x, spec.act_bits, spec.lm_clip)
 
     chosen = {}
-    for index, (down, ups) in enumerate(tqdm(units, desc="per-layer β")):
-        tokens = torch.cat(inputs.pop(names[id(down)]))[:BETA_SEARCH_TOKENS]
+    for index, (down, ups) in enumerate(tqdm(units, desc="per-layer β" if spec.beta is None else f"β = {spec.beta:g}")):
         up = torch.cat([u.weight.detach() for u in ups])
         rotation = None if latent_rotations is None else latent_rotations[index]
-        best, errors = choose_beta(tokens, down.weight.detach(), up, sigmas[index], beta, quantize_weight, quantize_activation, rotation)
-        new_down, new_up = rebalance(down.weight.detach(), up, sigmas[index], best - beta, rotation)
+        record = {"beta": spec.beta}
+        if spec.beta is None:
+            tokens = torch.cat(inputs.pop(names[id(down)]))[:BETA_SEARCH_TOKENS]
+            best, errors = choose_beta(tokens, down.weight.detach(), up, sigmas[index], beta, quantize_weight, quantize_activation, rotation)
+            record = {"beta": best, "beta_errors": {f"{b:g}": e for b, e in errors.items()}}
+        new_down, new_up = rebalance(down.weight.detach(), up, sigmas[index], record["beta"] - beta, rotation)
         with torch.no_grad():
             down.weight.copy_(new_down.to(down.weight.dtype))
             for u, part_weight in zip(ups, new_up.split([u.out_features for u in ups])):
                 u.weight.copy_(part_weight.to(u.weight.dtype))
-        chosen[names[id(down)]] = {"beta": best, "beta_errors": {f"{b:g}": e for b, e in errors.items()}}
+        chosen[names[id(down)]] = record
     return chosen
 
 

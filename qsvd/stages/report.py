@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "method", "budget", "budget_kind", "budget_value", "R1", "R2", "seed", "task", "metric", "score", "num_samples", "quantization"]
 NUMERIC = ("R1", "R2", "score")
+# Labels of quantized results, absent from others: format, β ("per layer" or a number), rotations, and
+# "beta" for the β-ablation settings, which get their own table (paper Table 4) instead of the main ones.
+OPTIONAL_COLUMNS = ("quant_format", "quant_beta", "rotate", "ablation")
 UNCOMPRESSED = "uncompressed"
 LOWER_IS_BETTER = ("perplexity",)  # metrics shown as they are; every other metric is a share, shown in %
 
@@ -53,7 +56,7 @@ def read_results(result_files: list[Path]) -> list[dict]:
         for key in NUMERIC:
             if isinstance(result[key], bool) or not isinstance(result[key], (int, float)):
                 raise ValueError(f"result file {path}: {key!r} must be a number, got {result[key]!r}")
-        row = {key: result[key] for key in COLUMNS}
+        row = {key: result[key] for key in COLUMNS} | {key: result.get(key, "") for key in OPTIONAL_COLUMNS}
         identity = tuple(str(row[k]) for k in ("model", "task", "method", "quantization", "budget", "seed"))
         if identity in origin:
             raise ValueError(f"result files {origin[identity]} and {path} are the same run (model, task, method, quantization, budget, seed)")
@@ -99,7 +102,8 @@ def _cell(rows: list[dict]) -> str:
 def markdown_tables(rows: list[dict]) -> str:
     """Per (model, task): methods as rows (uncompressed first), budgets as columns."""
     parts = ["# Results\n"]
-    for (model, task), group in _groups(rows).items():
+    for (model, task), everything in _groups(rows).items():
+        group = _main(everything)
         several = len({r["quantization"] for r in group}) > 1
         budgets = list(dict.fromkeys(r["budget"] for r in sorted(group, key=_budget_order)))
         labels = list(dict.fromkeys(_series_label(r, several) for r in group))
@@ -118,7 +122,37 @@ def markdown_tables(rows: list[dict]) -> str:
             f"Seeds: {', '.join(seeds)}. Quantization: {'; '.join(quantizations)}.\n"
         )
         parts.extend(_precision_tables(model, task, group, budgets))
+        parts.extend(_beta_tables(model, task, everything, budgets))
     return "\n".join(parts)
+
+
+def _main(rows: list[dict]) -> list[dict]:
+    """Every row but the β ablation's."""
+    return [r for r in rows if r["ablation"] != "beta"]
+
+
+def _beta_tables(model: str, task: str, group: list[dict], budgets: list[str]) -> list[str]:
+    """The paper's Table 4 view, one table per budget: per method, one row per fixed β and one for β
+    chosen per layer; formats as columns. Only settings with the β ablation's rotations are compared."""
+    ablation = [r for r in group if r["ablation"] == "beta"]
+    if not ablation:
+        return []
+    rotate = ablation[0]["rotate"]
+    formats = list(dict.fromkeys(r["quant_format"] for r in ablation))
+    parts = []
+    for budget in [b for b in budgets if any(r["budget"] == b for r in ablation)]:
+        chosen = [r for r in group if r["budget"] == budget and r["quant_format"] in formats and r["rotate"] == rotate and r["quant_beta"] != ""]
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for r in chosen:
+            cells[(str(r["method"]), str(r["quant_beta"]), r["quant_format"])].append(r)
+        rows = sorted({(m, b) for m, b, _ in cells}, key=lambda mb: (mb[0], mb[1] == "per layer", mb[1]))
+        parts.append(f"### {model}: {task} at {budget}, by β ({_metric_label(group[0]['metric'])})\n")
+        parts.append("| method | β | " + " | ".join(formats) + " |")
+        parts.append("|---|---" + "|---" * len(formats) + "|")
+        for method, beta in rows:
+            parts.append(f"| {method} | {beta} | " + " | ".join(_cell(cells[(method, beta, f)]) if cells[(method, beta, f)] else "" for f in formats) + " |")
+        parts.append(f"\nFixed β in every layer versus β chosen per layer (paper Eq. 14); rotations {'on' if rotate else 'off'}; simulated quantization.\n")
+    return parts
 
 
 def _precision_tables(model: str, task: str, group: list[dict], budgets: list[str]) -> list[str]:
@@ -145,7 +179,7 @@ def _precision_tables(model: str, task: str, group: list[dict], budgets: list[st
 
 def tidy_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS + list(OPTIONAL_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -155,7 +189,7 @@ def _plot(rows: list[dict], plot_path: Path) -> None:
     """Per (model, task) two panels, score vs R1 and vs R2; uncompressed as a dashed horizontal line."""
     from matplotlib.figure import Figure  # Figure + savefig render with Agg, without pyplot's global state
 
-    groups = _groups(rows)
+    groups = _groups(_main(rows))
     fig = Figure(figsize=(11, 4 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 2, squeeze=False)
     for ((model, task), group), ax_pair in zip(groups.items(), axes):

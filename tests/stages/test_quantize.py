@@ -11,6 +11,7 @@ from qsvd.models.checkpoint import QUANTIZED_WEIGHTS, load_checkpoint
 from qsvd.models.prompts import encode_prompt
 from qsvd.models.quantized import quantization_targets
 from qsvd.models.registry import decoder_layers, family_by_name
+from qsvd.models.rotation import latent_modules
 from qsvd.stages.activation_stats import run_activation_stats
 from qsvd.stages.decompose import run_decompose
 from qsvd.stages.evaluate import run_evaluate
@@ -96,14 +97,27 @@ def test_w8a8_stays_close_reloads_bit_identically_and_exports_integer_codes(tiny
     assert result["quantization"] == "W8A8 (simulated quantization)" and result["R1"] == manifest["cost"]["R1"]
 
 
-def test_fixed_beta_keeps_the_low_rank_models_beta_and_search_needs_data(tiny_model, dataset, tmp_path):  # noqa: F811
+def test_fixed_beta_rebalances_every_latent_without_data_and_search_needs_data(tiny_model, dataset, tmp_path):  # noqa: F811
     model, processor = tiny_model("smolvlm", kv_heads=2)
+    family = family_by_name("smolvlm")
     lowrank = _lowrank_checkpoint("smolvlm", model, processor, dataset, tmp_path)
     with pytest.raises(ValueError, match="calibration data"):
         run_quantize(str(lowrank), "smolvlm", None, QuantSpec(weight_bits=4, act_bits=8), tmp_path / "never")
-    out = run_quantize(str(lowrank), "smolvlm", None, QuantSpec(weight_bits=4, act_bits=8, beta_search=False), tmp_path / "fixed")
-    manifest = read_json(out / "manifest.json")
-    assert manifest["beta"] == 0.2 and not any("beta" in e for e in manifest["quantization"]["layers"])
+    with pytest.raises(ValueError, match="beta must be in"):
+        QuantSpec(beta=1.5)
+    factors = {}
+    for beta in (0.2, 0.8):  # the low-rank model was built with β = 0.2
+        spec = QuantSpec(weight_bits=None, act_bits=8, rotate=False, rotate_latent=False, beta=beta)
+        out = run_quantize(str(lowrank), "smolvlm", None, spec, tmp_path / f"beta{beta}")
+        quantized, _, manifest = load_checkpoint(out)
+        assert manifest["beta"] == beta and manifest["quantization"]["label"] == f"W16A8, fixed β {beta:g} without rotations"
+        downs = [e for e in manifest["quantization"]["layers"] if e["kind"] == "latent_down"]
+        assert downs and all(e["beta"] == beta for e in downs)
+        factors[beta] = [(down.weight.detach().double(), torch.cat([u.weight.detach() for u in ups]).double())
+                         for down, ups in latent_modules(quantized, family)]
+    for (down, up), (moved_down, moved_up) in zip(factors[0.2], factors[0.8]):
+        assert not torch.allclose(down, moved_down)  # σ^0.6 moved from A into B ...
+        torch.testing.assert_close(moved_up @ moved_down, up @ down, rtol=1e-4, atol=1e-5)  # ... same product
 
 
 def test_gptq_uses_calibration_inputs_and_rejects_a_missing_dataset(tiny_model, dataset, tmp_path, images):  # noqa: F811

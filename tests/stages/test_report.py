@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from qsvd.stages.report import COLUMNS, write_report
+from qsvd.stages.report import COLUMNS, OPTIONAL_COLUMNS, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -56,7 +56,7 @@ def test_csv_has_one_tidy_row_per_result(report_dir):
     out = report_dir
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == COLUMNS and len(rows) == len(RESULTS)
+    assert list(rows[0]) == COLUMNS + list(OPTIONAL_COLUMNS) and len(rows) == len(RESULTS)
     easy = [r for r in rows if r["task"] == "easy-vqa"]
     assert [(r["method"], r["budget"], r["seed"]) for r in easy] == [
         ("uncompressed", "full", "0"), ("qsvd", "r0.75", "0"), ("qsvd", "r0.75", "1"), ("qsvd", "r0.5", "0"), ("svd-llm", "r0.5", "0"),
@@ -103,6 +103,33 @@ def test_precision_table_has_methods_as_rows_and_precisions_as_columns(tmp_path)
     assert lines[3] == "| quarot |  | 60.00 ± 14.14 (25.0/25.0) |"
     assert lines[4] == "| qsvd | 80.00 (66.7/25.0) | 75.00 (16.7/6.2) |"
     assert "simulated quantization" in table
+
+
+def test_beta_ablation_gets_its_own_table_and_stays_out_of_the_others(tmp_path):
+    """The paper's Table 4 view: per method one row per fixed β and one for per-layer β, formats as columns."""
+    def quantized(fmt, beta, score, seed=0, rotate=True, ablation=""):
+        label = f"{fmt}{'' if beta == 'per layer' else f', fixed β {beta:g}'}{'' if rotate else ' without rotations'} (simulated quantization)"
+        return _result(score=score, quantization=label, seed=seed, quant_format=fmt, quant_beta=beta, rotate=rotate, ablation=ablation)
+
+    results = [
+        _result(**FULL, score=0.9),
+        _result(**{**FULL, "method": "quarot"}, score=0.5, quantization="W4A4 (simulated quantization)", quant_format="W4A4", rotate=True),
+        quantized("W4A4", "per layer", 0.80, seed=0), quantized("W4A4", "per layer", 0.70, seed=1),
+        quantized("W4A4", "per layer", 0.10, rotate=False),  # the rotation ablation: not in the β table
+        quantized("W4A4", 0.2, 0.60, ablation="beta"), quantized("W8A8", 0.2, 0.85, ablation="beta"),
+        quantized("W4A4", 0.0, 0.40, ablation="beta"),
+        quantized("W8A8", "per layer", 0.88),
+    ]
+    text = (_report(tmp_path, results) / "tables.md").read_text()
+    table = text.split("### demo: easy-vqa at r0.5, by β (accuracy, %)")[1]
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | β | W4A4 | W8A8 |"
+    assert lines[2].startswith("| qsvd | 0.0 | 40.00 ") and lines[2].endswith("|  |")
+    assert lines[3].startswith("| qsvd | 0.2 | 60.00 ") and "| 85.00 " in lines[3]
+    assert lines[4].startswith("| qsvd | per layer | 75.00 ± 7.07 ") and "| 88.00 " in lines[4]
+    assert len(lines) == 5  # neither QuaRot nor the unrotated setting
+    main = text.split("### demo")[0]
+    assert "fixed β" not in main and "fixed β" not in text.split("by precision")[1].split("by β")[0]
 
 
 def test_plot_is_a_non_empty_png_with_two_panels_per_task(report_dir):

@@ -112,21 +112,25 @@ def quant_setting(wildcards):
 
 def quant_spec(wildcards):
     """The quantize stage's QuantSpec fields (JSON) for the setting named by {quant}."""
-    fmt, seed, rotate = quant_setting(wildcards)
-    weight_bits, act_bits = QUANT.bits(fmt)
+    setting = quant_setting(wildcards)
+    weight_bits, act_bits = QUANT.bits(setting.fmt)
     spec = dict(weight_bits=weight_bits, act_bits=act_bits, weight_method=QUANT.weight_method, group_size=QUANT.group_size,
-                lm_clip=QUANT.lm_clip, vision_clip=QUANT.vision_clip, rotate=rotate, rotate_latent=rotate,
-                vision=QUANT.vision, beta_search=QUANT.beta_search, seed=seed)
+                lm_clip=QUANT.lm_clip, vision_clip=QUANT.vision_clip, rotate=setting.rotate, rotate_latent=setting.rotate,
+                vision=QUANT.vision, beta=setting.beta, seed=setting.seed)
     return json.dumps(spec, sort_keys=True)
 
 
 def quantized_labels(wildcards, method=None, budget=None):
-    """eval_labels of a quantized model: its format, rotation and seed (QuaRot when `method` is None)."""
-    fmt, seed, rotate = quant_setting(wildcards)
+    """eval_labels of a quantized model: its format, rotation, β and seed (QuaRot when `method` is None)."""
+    setting = quant_setting(wildcards)
     labels = json.loads(eval_labels(method, budget))
-    labels.update(seed=seed, quant_format=fmt, rotate=rotate, weight_method=QUANT.weight_method)
+    labels.update(seed=setting.seed, quant_format=setting.fmt, rotate=setting.rotate, weight_method=QUANT.weight_method)
     if method is None:
         labels["method"] = "quarot"
+    else:
+        labels["quant_beta"] = "per layer" if setting.beta is None else setting.beta
+        if setting in QUANT.beta_ablation_settings():
+            labels["ablation"] = "beta"
     return json.dumps(labels, sort_keys=True)
 
 
@@ -140,7 +144,9 @@ def evaluation_results():
         f"{RESULTS}/{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}/quant~{quant}/eval/{t}.json"
         for svd, rank in LEAVES for quant in QUANT_SETTINGS for t in tasks
     ]
-    quarot = [f"{RESULTS}/quarot/quant~{quant}/eval/{t}.json" for quant in QUANT_SETTINGS for t in tasks] if QUANT.quarot else []
+    # QuaRot has no latent: the β ablation does not apply to it.
+    quarot = [f"{RESULTS}/quarot/quant~{quant}/eval/{t}.json" for quant, setting in QUANT_SETTINGS.items()
+              if setting.beta == QUANT.beta for t in tasks] if QUANT.quarot else []
     return uncompressed + compressed + quantized + quarot
 
 
