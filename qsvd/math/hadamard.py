@@ -4,7 +4,8 @@ Orders come from Sylvester (2^m), Paley I (q + 1, q prime ≡ 3 mod 4), Paley II
 ≡ 1 mod 4), and the Kronecker product of one Paley matrix with a Sylvester one: 12, 20, 28, 36, 44,
 60, 108, 140, ... times any 2^m.
 Where no construction is known here (e.g. SigLIP-so400m's 4304 = 16·269), callers use a
-seeded random orthogonal matrix instead (`rotation_matrix`). Transforms are pure PyTorch;
+seeded random orthogonal matrix instead (`rotation_matrix`). `mean_preserving_rotation` builds a
+rotation that fixes the all-ones vector, so that it commutes with LayerNorm's mean-centring. Transforms are pure PyTorch;
 `fast-hadamard-transform` is used for the 2^m factor on CUDA tensors when it is installed.
 """
 
@@ -165,3 +166,18 @@ def rotation_matrix(n: int, seed: int, randomized: bool = False) -> tuple[torch.
     if randomized:
         return random_signs(n, seed)[:, None] * matrix, "randomized-hadamard"
     return matrix, "hadamard"
+
+
+def mean_preserving_rotation(n: int, seed: int) -> torch.Tensor:
+    """An orthonormal n×n Q (float64) with Q·1 = 1: Q = P·diag(1, R)·P, P the Householder reflection swapping e1
+    and 1/√n, R = `rotation_matrix(n - 1, seed, randomized=True)`. Then mean(xQ) = mean(x), so centring commutes
+    with Q and an affine-free LayerNorm satisfies LN(xQ) = LN(x)·Q."""
+    if n < 2:
+        raise ValueError(f"a mean-preserving rotation needs order >= 2, got {n}")
+    ones = torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64)
+    direction = -ones
+    direction[0] += 1
+    direction /= direction.norm()
+    reflection = torch.eye(n, dtype=torch.float64) - 2 * torch.outer(direction, direction)
+    rest, _ = rotation_matrix(n - 1, seed, randomized=True)
+    return (reflection @ torch.block_diag(torch.ones(1, 1, dtype=torch.float64), rest) @ reflection).contiguous()

@@ -5,7 +5,8 @@ A checkpoint directory holds the base model's `config.json` and processor files,
 every unit; a quantized checkpoint adds its rotations, bits per layer (manifest "quantization"), the
 stored random rotation matrices and the integer weight codes. Ranks, rotations and bit widths are
 architecture, not weights: reloading builds the model from its config, swaps in low-rank shells of the
-recorded ranks, re-installs the online rotations and activation quantizers, then loads the tensors.
+recorded ranks, re-installs the online rotations (and the modules a rotated vision tower gains) and activation
+quantizers, then loads the tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from qsvd.artefacts import MANIFEST, atomic_directory, read_json, read_tensors, write_json, write_tensors
 from qsvd.models.quantized import Target, input_transforms
 from qsvd.models.registry import ModelFamily, family_by_name
-from qsvd.models.rotation import Rotations, install_online_rotations
+from qsvd.models.rotation import Rotations, install_rotated_modules
 from qsvd.models.surgery import install_lowrank_shells
 
 WEIGHTS = "model.safetensors"
@@ -54,9 +55,10 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
 
 
 def _install_quantization(model: nn.Module, family: ModelFamily, quantization: dict, path: Path) -> None:
-    """Re-install the online rotations and activation quantizers that the manifest records."""
+    """Re-install what the rotations changed (online rotations, the rotated vision tower's extra parameters) and the
+    activation quantizers that the manifest records."""
     matrices = read_tensors(path / ROTATIONS) if (path / ROTATIONS).is_file() else {}
-    install_online_rotations(model, family, Rotations(roles=quantization["rotations"], matrices=matrices))
+    install_rotated_modules(model, family, Rotations(roles=quantization["rotations"], matrices=matrices))
     for layer in quantization["layers"]:
         for role, transform in input_transforms(model, Target(layer["name"], layer["part"], layer["kind"])):
             transform.set_quantization(layer[f"{role}_bits"], layer[f"{role}_clip"] or 1.0)

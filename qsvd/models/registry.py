@@ -38,7 +38,27 @@ class ModelFamily:
     mlp_output: str = "mlp.down_proj"
     projector_output: str | None = None  # the projector's last linear: it writes image features into the LM stream
     image_newline: str | None = None  # a learned LM-space vector (LLaVA-NeXT)
+    # The vision tower's residual stream (its H1 rotation): paths from the top level, layer parts relative to one
+    # vision encoder layer. Its norms are LayerNorms (γ, b).
+    vision_embeddings: tuple[str, ...] = ()  # what writes the first residual state (patch conv, position table)
+    vision_pre_norm: str | None = None  # a LayerNorm whose output is the residual stream (it writes it)
+    vision_post_norm: str | None = None  # a LayerNorm between the last layer and the connector
+    vision_output_reader: str | None = None  # the connector's linear reading the stream, as blocks of concatenated tokens
+    vision_attention_norm: str = "layer_norm1"
+    vision_mlp_norm: str = "layer_norm2"
+    vision_qkv: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    vision_attention_output: str = "self_attn.out_proj"
+    vision_mlp_inputs: tuple[str, ...] = ("mlp.fc1",)
+    vision_mlp_output: str = "mlp.fc2"
 
+
+# LLaVA's CLIP tower: pre_layrnorm writes the stream (the embeddings before it need no rotation); the projector
+# reads hidden_states[vision_feature_layer], the raw stream (several of them side by side when that is a list).
+# CLIP's post_layernorm only feeds the pooled output, which LLaVA does not use: it is left as it is.
+CLIP_VISION_STREAM = dict(
+    vision_pre_norm="model.vision_tower.pre_layrnorm",
+    vision_output_reader="model.multi_modal_projector.linear_1",
+)
 
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
@@ -50,6 +70,7 @@ FAMILIES: dict[str, ModelFamily] = {
             vision_layers="model.vision_tower.encoder.layers",
             projector="model.multi_modal_projector",
             projector_output="model.multi_modal_projector.linear_2",
+            **CLIP_VISION_STREAM,
         ),
         ModelFamily(
             name="llava-next",
@@ -58,6 +79,7 @@ FAMILIES: dict[str, ModelFamily] = {
             vision_layers="model.vision_tower.encoder.layers",
             projector="model.multi_modal_projector",
             projector_output="model.multi_modal_projector.linear_2",
+            **CLIP_VISION_STREAM,
             image_newline="model.image_newline",
         ),
         ModelFamily(
@@ -69,6 +91,10 @@ FAMILIES: dict[str, ModelFamily] = {
             embeddings="model.text_model.embed_tokens",
             final_norm="model.text_model.norm",
             projector_output="model.connector.modality_projection.proj",
+            vision_embeddings=("model.vision_model.embeddings.patch_embedding", "model.vision_model.embeddings.position_embedding"),
+            vision_post_norm="model.vision_model.post_layernorm",
+            # pixel shuffle: each connector input is scale_factor² whole token vectors side by side
+            vision_output_reader="model.connector.modality_projection.proj",
         ),
         ModelFamily(
             name="llama",
@@ -142,6 +168,13 @@ def vision_layers(model: nn.Module, family: ModelFamily) -> nn.ModuleList:
     if family.vision_layers is None:
         raise ValueError(f"family {family.name!r} has no vision encoder")
     return _layer_list(model, family.vision_layers, family)
+
+
+def vision_config(model: nn.Module, family: ModelFamily) -> PretrainedConfig:
+    """The vision tower's config (multimodal families only)."""
+    if not family.multimodal or getattr(model.config, "vision_config", None) is None:
+        raise ValueError(f"family {family.name!r} ({type(model).__name__}) has no vision tower config")
+    return model.config.vision_config
 
 
 def projector(model: nn.Module, family: ModelFamily) -> nn.Module:

@@ -6,6 +6,11 @@ included), every writer Qᵀ W (o_proj, down_proj, the projector's output layer)
 E Q, LLaVA-NeXT's image_newline v Q, and lm_head W Q. Online rotations make the inputs of down_proj
 (order = MLP width) and o_proj (across heads; the head-dim part is folded into V) outlier-free.
 H2 rotates each low-rank latent: B ← Rᵀ B, A_p ← A_p R. All folds are done in float64.
+
+The vision tower's residual stream is read through LayerNorms, which centre: its rotation Q fixes the
+all-ones vector, so centring commutes with it and an affine-free LayerNorm gives LN(hQ) = LN(h) Q
+exactly. Each LayerNorm's (γ, b) is folded into its readers (W diag(γ), bias + W b); a LayerNorm that
+writes the stream (CLIP's pre_layrnorm) keeps its affine map as a full linear map (diag(γ) Q).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qsvd.math.hadamard import rotation_matrix
+from qsvd.math.hadamard import mean_preserving_rotation, rotation_matrix
 from qsvd.models.lowrank import LatentUpProjection, SharedDownProjection
 from qsvd.models.quantized import QuantizedLinear
 from qsvd.models.registry import (
@@ -27,10 +32,13 @@ from qsvd.models.registry import (
     qkv_projections,
     set_part,
     text_config,
+    vision_config,
+    vision_layers,
 )
 
 # Offsets of the seeds of each rotation from the run's seed: one random matrix per role and size.
-SEED_OFFSETS = {"residual": 0, "mlp_down": 1, "heads": 2, "head_dim": 3, "latent": 1000}
+SEED_OFFSETS = {"residual": 0, "mlp_down": 1, "heads": 2, "head_dim": 3, "latent": 1000,
+                "vision_residual": 10, "vision_mlp_down": 11, "vision_heads": 12, "vision_head_dim": 13}
 
 
 @dataclass
@@ -44,9 +52,17 @@ class Rotations:
         """A new orthonormal matrix for `role`, float64. Where a Hadamard is constructible: a plain one for
         `online` roles (applied to activations at run time), QuaRot's randomized D·H for rotations only
         folded into weights (so seeds give different rotations); else a seeded random orthogonal matrix."""
+        matrix, kind = rotation_matrix(size, seed, randomized=not online)
+        return self._record(role, size, seed, matrix, kind)
+
+    def make_mean_preserving(self, role: str, size: int, seed: int) -> torch.Tensor:
+        """A new orthonormal matrix for `role` that fixes the all-ones vector (a LayerNorm stream's), float64;
+        folded into weights only."""
+        return self._record(role, size, seed, mean_preserving_rotation(size, seed), "mean-preserving")
+
+    def _record(self, role: str, size: int, seed: int, matrix: torch.Tensor, kind: str) -> torch.Tensor:
         if role in self.roles:
             raise ValueError(f"rotation {role!r} was already made")
-        matrix, kind = rotation_matrix(size, seed, randomized=not online)
         self.roles[role] = {"size": size, "kind": kind, "seed": seed}
         if kind == "random":
             self.matrices[role] = matrix.to(torch.float32)
@@ -57,16 +73,17 @@ class Rotations:
 
 
 def _fold(module: nn.Module, left: torch.Tensor | None = None, right: torch.Tensor | None = None) -> None:
-    """weight ← leftᵀ · weight · right (and bias ← leftᵀ · bias), computed in float64."""
+    """weight ← leftᵀ · weight · right (and bias ← leftᵀ · bias), computed in float64; a convolution's weight
+    as (output channels, everything else)."""
     with torch.no_grad():
-        weight = module.weight.to(torch.float64)
+        weight = module.weight.to(torch.float64).flatten(1)
         if left is not None:
             weight = left.T @ weight
             if getattr(module, "bias", None) is not None:
                 module.bias.copy_((left.T @ module.bias.to(torch.float64)).to(module.bias.dtype))
         if right is not None:
             weight = weight @ right
-        module.weight.copy_(weight.to(module.weight.dtype))
+        module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
 
 
 def attention_readers(layer: nn.Module, family: ModelFamily) -> list[nn.Module]:
@@ -115,17 +132,31 @@ def _quantized(root: nn.Module, path: str, family: ModelFamily) -> QuantizedLine
     return module
 
 
+def _set_online_rotation(layer: nn.Module, path: str, rotations: Rotations, role: str, family: ModelFamily) -> None:
+    """Rotate the input of the linear at `path` online by the recorded `role` (across blocks when it is smaller)."""
+    recorded = rotations.roles[role]
+    linear = _quantized(layer, path, family)
+    linear.input_transform.set_rotation(recorded["kind"], recorded["size"], rotations.online_matrix(role))
+
+
 def install_online_rotations(model: nn.Module, family: ModelFamily, rotations: Rotations) -> None:
-    """Set the online rotations recorded in `rotations` on every down_proj and o_proj input (also on reload)."""
-    shape = attention_shape(model)
-    for layer in decoder_layers(model, family):
-        if "mlp_down" in rotations.roles:
-            down = _quantized(layer, family.mlp_output, family)
-            role = rotations.roles["mlp_down"]
-            down.input_transform.set_rotation(role["kind"], role["size"], rotations.online_matrix("mlp_down"))
-        if "heads" in rotations.roles:
-            o_proj = _quantized(attention_of(layer, family), family.o_proj, family)
-            o_proj.input_transform.set_rotation(rotations.roles["heads"]["kind"], shape.num_heads, rotations.online_matrix("heads"))
+    """Set the online rotations recorded in `rotations` on every down_proj and o_proj input of the LM, and of
+    fc2 and out_proj of the vision tower where it was rotated (also on reload)."""
+    stacks = [(decoder_layers(model, family), "", family.mlp_output, f"{family.attention}.{family.o_proj}")]
+    if "vision_residual" in rotations.roles:
+        stacks.append((vision_layers(model, family), "vision_", family.vision_mlp_output, family.vision_attention_output))
+    for layers, prefix, mlp_output, attention_output in stacks:
+        for layer in layers:
+            for role, path in ((f"{prefix}mlp_down", mlp_output), (f"{prefix}heads", attention_output)):
+                if role in rotations.roles:
+                    _set_online_rotation(layer, path, rotations, role, family)
+
+
+def install_rotated_modules(model: nn.Module, family: ModelFamily, rotations: Rotations) -> None:
+    """Rebuild, before loading a rotated checkpoint's tensors, what its rotations changed in the architecture."""
+    if "vision_residual" in rotations.roles:
+        install_vision_shells(model, family)
+    install_online_rotations(model, family, rotations)
 
 
 def rotate_language_model(model: nn.Module, family: ModelFamily, seed: int) -> Rotations:
@@ -157,6 +188,118 @@ def rotate_language_model(model: nn.Module, family: ModelFamily, seed: int) -> R
             newline.copy_((newline.to(torch.float64) @ residual).to(newline.dtype))
     install_online_rotations(model, family, rotations)
     return rotations
+
+
+class LinearAffineLayerNorm(nn.Module):
+    """A LayerNorm whose affine map is a full linear map: one that writes a rotated residual stream, where
+    diag(γ)·Q is no longer diagonal."""
+
+    def __init__(self, features: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(features, eps=eps, elementwise_affine=False, device=device, dtype=dtype)
+        self.linear = nn.Linear(features, features, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
+
+
+def _layer_norm_affine(norm: nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(γ, b) of a LayerNorm, float64."""
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+        raise TypeError(f"{where} is a {type(norm).__name__}: the vision rotation needs an nn.LayerNorm with a scale "
+                        f"and a bias there; fix the family's vision_* paths in qsvd/models/registry.py")
+    return norm.weight.to(torch.float64), norm.bias.to(torch.float64)
+
+
+def _fold_layer_norm(norm: nn.Module, readers: list[nn.Module], where: str, blocks: int = 1) -> None:
+    """Move a LayerNorm's (γ, b) into the linears that read `blocks` of its outputs side by side:
+    W ← W·diag(γ), bias ← bias + W·b. The norm keeps γ = 1, b = 0."""
+    scale, shift = (t.repeat(blocks) for t in _layer_norm_affine(norm, where))
+    with torch.no_grad():
+        for reader in readers:
+            if reader.bias is None:
+                raise ValueError(f"a linear reading {where} has no bias to take the norm's shift b")
+            weight = reader.weight.to(torch.float64)
+            reader.bias.copy_((reader.bias.to(torch.float64) + weight @ shift).to(reader.bias.dtype))
+            reader.weight.copy_((weight * scale).to(reader.weight.dtype))
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+
+
+def _rotate_writer(writer: nn.Module, rotation: torch.Tensor, where: str) -> None:
+    """The stream state `writer` produces becomes h·Q: output channels of a conv or linear, rows of a table."""
+    if isinstance(writer, (nn.Linear, nn.Conv2d)):
+        _fold(writer, left=rotation)
+    elif isinstance(writer, nn.Embedding):
+        with torch.no_grad():
+            writer.weight.copy_((writer.weight.to(torch.float64) @ rotation).to(writer.weight.dtype))
+    else:
+        raise TypeError(f"{where} is a {type(writer).__name__}: a vision stream writer must be a Linear, Conv2d or "
+                        f"Embedding; fix vision_embeddings of the family in qsvd/models/registry.py")
+
+
+def _stream_blocks(reader: nn.Linear, width: int, where: str) -> int:
+    """How many stream vectors of `width` the connector's reader takes side by side (pixel shuffle, feature layers)."""
+    if reader.in_features % width:
+        raise ValueError(f"{where} reads {reader.in_features} features, not a multiple of the vision width {width}: "
+                         f"it does not read whole vision tokens; fix vision_output_reader in qsvd/models/registry.py")
+    return reader.in_features // width
+
+
+def install_vision_shells(model: nn.Module, family: ModelFamily) -> None:
+    """Give the vision tower the parameters its rotation adds: the pre-norm's full affine map and a bias on the
+    connector's reader where a post-norm's shift folds into it (unset values)."""
+    if family.vision_pre_norm is not None:
+        norm = part(model, family.vision_pre_norm, family)
+        _layer_norm_affine(norm, family.vision_pre_norm)
+        shell = LinearAffineLayerNorm(norm.normalized_shape[-1], norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
+        set_part(model, family.vision_pre_norm, shell, family)
+    reader = part(model, family.vision_output_reader, family)
+    if family.vision_post_norm is not None and reader.bias is None:
+        reader.bias = nn.Parameter(torch.zeros(reader.out_features, device=reader.weight.device, dtype=reader.weight.dtype))
+
+
+def rotate_vision_tower(model: nn.Module, family: ModelFamily, seed: int, rotations: Rotations) -> None:
+    """Apply H1 (a mean-preserving Q) and the online rotations to the vision tower in place, recorded in
+    `rotations`; the function is unchanged."""
+    config = vision_config(model, family)
+    width, num_heads = config.hidden_size, config.num_attention_heads
+    if family.vision_output_reader is None:
+        raise ValueError(f"family {family.name!r} names no vision_output_reader in qsvd/models/registry.py")
+    layers = vision_layers(model, family)
+    reader = part(model, family.vision_output_reader, family)
+    blocks = _stream_blocks(reader, width, family.vision_output_reader)
+    pre_norm = None
+    if family.vision_pre_norm is not None:
+        pre_norm = _layer_norm_affine(part(model, family.vision_pre_norm, family), family.vision_pre_norm)
+    for index, layer in enumerate(layers):
+        _fold_layer_norm(part(layer, family.vision_attention_norm, family), [part(layer, p, family) for p in family.vision_qkv],
+                         f"vision layer {index} attention norm")
+        _fold_layer_norm(part(layer, family.vision_mlp_norm, family), [part(layer, p, family) for p in family.vision_mlp_inputs],
+                         f"vision layer {index} MLP norm")
+    install_vision_shells(model, family)
+    if family.vision_post_norm is not None:
+        _fold_layer_norm(part(model, family.vision_post_norm, family), [reader], family.vision_post_norm, blocks)
+    residual = rotations.make_mean_preserving("vision_residual", width, seed + SEED_OFFSETS["vision_residual"])
+    mlp_down = rotations.make("vision_mlp_down", config.intermediate_size, seed + SEED_OFFSETS["vision_mlp_down"], online=True)
+    heads = rotations.make("vision_heads", num_heads, seed + SEED_OFFSETS["vision_heads"], online=True)
+    head_dim = rotations.make("vision_head_dim", width // num_heads, seed + SEED_OFFSETS["vision_head_dim"])
+    with torch.no_grad():
+        for path in family.vision_embeddings:
+            _rotate_writer(part(model, path, family), residual, path)
+        if pre_norm is not None:
+            scale, shift = pre_norm
+            affine = part(model, family.vision_pre_norm, family).linear
+            affine.weight.copy_((residual.T * scale).to(affine.weight.dtype))  # (diag(γ)·Q)ᵀ
+            affine.bias.copy_((shift @ residual).to(affine.bias.dtype))
+        for layer in layers:
+            for reader_path in (*family.vision_qkv, *family.vision_mlp_inputs):
+                _fold(part(layer, reader_path, family), right=residual)
+            _fold(part(layer, family.vision_qkv[2], family), left=torch.block_diag(*[head_dim] * num_heads))
+            _fold(part(layer, family.vision_attention_output, family), left=residual, right=torch.kron(heads, head_dim))
+            _fold(part(layer, family.vision_mlp_output, family), left=residual, right=mlp_down)
+        _fold(reader, right=torch.kron(torch.eye(blocks, dtype=torch.float64), residual))
+    install_online_rotations(model, family, rotations)
 
 
 def latent_modules(model: nn.Module, family: ModelFamily) -> list[tuple[SharedDownProjection, list[LatentUpProjection]]]:

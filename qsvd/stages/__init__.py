@@ -14,7 +14,7 @@ STAGE_VERSIONS = {
     "importance": 2,
     "rank_plan": 2,
     "lowrank_model": 2,
-    "quantize": 2,
+    "quantize": 3,
     "evaluate": 1,
     "report": 1,
 }

@@ -1,5 +1,7 @@
 """Stage 9: simulated low-precision model: H1/H2 rotations, then weight and activation quantization (method §3).
 
+H1 rotates the LM and, where the vision tower is quantized too, the vision tower.
+
 Input: a low-rank checkpoint (any SVD method) or a dense model (QuaRot, no SVD). Weights are
 quantized (RTN with the clipping search, or GPTQ on Hessians of the calibration inputs each layer
 actually sees, after its online rotation) and replaced by their dequantized values; the integer codes
@@ -23,7 +25,7 @@ from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_per_token, 
 from qsvd.models.checkpoint import QUANTIZED_STAGE, QUANTIZED_WEIGHTS, ROTATIONS, open_checkpoint, save_checkpoint
 from qsvd.models.quantized import Target, input_transforms, quantization_targets
 from qsvd.models.registry import attention_shape, decoder_layers, family_by_name
-from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents
+from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents, rotate_vision_tower
 from qsvd.stages.calibration import calibration_batches
 
 WEIGHT_METHODS = ("rtn", "gptq")
@@ -83,6 +85,8 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
     rotations, latent_rotations = Rotations(), None
     if spec.rotate:
         rotations = rotate_language_model(model, adapter, spec.seed)
+        if spec.vision and adapter.multimodal:
+            rotate_vision_tower(model, adapter, spec.seed, rotations)
         if spec.rotate_latent and lowrank:
             latent_rotations = rotate_latents(model, adapter, spec.seed, rotations)
     betas = {}

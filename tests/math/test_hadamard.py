@@ -9,6 +9,7 @@ from qsvd.math.hadamard import (
     hadamard_factorisation,
     hadamard_matrix,
     hadamard_transform,
+    mean_preserving_rotation,
     random_orthogonal,
     rotation_matrix,
 )
@@ -80,3 +81,22 @@ def test_randomized_hadamard_is_a_signed_hadamard_that_depends_on_the_seed():
     torch.testing.assert_close(rotation, signs[:, None] * plain, rtol=0, atol=0)
     assert torch.equal(rotation, rotation_matrix(48, seed=1, randomized=True)[0])
     assert not torch.equal(rotation, rotation_matrix(48, seed=2, randomized=True)[0])
+
+
+@pytest.mark.parametrize("n", [2, 32, 37, 1024])  # 31, 36 (a Hadamard), 1023: R random or randomized Hadamard
+def test_mean_preserving_rotation_is_orthogonal_fixes_the_ones_vector_and_depends_on_the_seed(n):
+    q = mean_preserving_rotation(n, seed=1)
+    torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    ones = torch.ones(n, dtype=torch.float64)
+    torch.testing.assert_close(q @ ones, ones, rtol=0, atol=1e-12)
+    assert torch.equal(q, mean_preserving_rotation(n, seed=1))
+    if n > 2:  # order 2 leaves only R = ±1
+        assert not torch.allclose(q, mean_preserving_rotation(n, seed=2))
+        assert not torch.allclose(q, torch.eye(n, dtype=torch.float64))
+
+
+def test_mean_preserving_rotation_commutes_with_an_affine_free_layer_norm():
+    x = torch.randn(5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 3.0
+    q = mean_preserving_rotation(48, seed=0)
+    norm = torch.nn.functional.layer_norm
+    torch.testing.assert_close(norm(x @ q, (48,)), norm(x, (48,)) @ q, rtol=0, atol=1e-12)

@@ -61,6 +61,19 @@ def test_registry_paths_resolve_on_a_real_model(tiny_model, family_name, kv_head
         assert isinstance(vision, nn.ModuleList) and len(vision) == model.config.vision_config.num_hidden_layers
         assert isinstance(projector(model, family), nn.Module)
         assert family.projector in dict(model.named_modules())
+        modules = dict(model.named_modules())
+        hidden = model.config.vision_config.hidden_size
+        for path in (*family.vision_embeddings, family.vision_pre_norm, family.vision_post_norm):
+            assert path is None or path in modules
+        for path in (family.vision_pre_norm, family.vision_post_norm):
+            assert path is None or isinstance(modules[path], nn.LayerNorm)
+        reader = modules[family.vision_output_reader]
+        assert isinstance(reader, nn.Linear) and reader.in_features % hidden == 0
+        for layer in vision:
+            for path in (family.vision_attention_norm, family.vision_mlp_norm):
+                assert isinstance(layer.get_submodule(path), nn.LayerNorm)
+            for path in (*family.vision_qkv, family.vision_attention_output, *family.vision_mlp_inputs, family.vision_mlp_output):
+                assert isinstance(layer.get_submodule(path), nn.Linear)
     else:
         with pytest.raises(ValueError, match="no vision encoder"):
             vision_layers(model, family)

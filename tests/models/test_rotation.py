@@ -2,13 +2,22 @@
 
 import pytest
 import torch
+from torch import nn
 
 from qsvd.math.cost import layout_units
 from qsvd.math.decompose import joint_factors, scaled_svd
 from qsvd.models.prompts import encode_prompt
 from qsvd.models.quantized import QuantizedLinear
-from qsvd.models.registry import decoder_layers, family_by_name, part
-from qsvd.models.rotation import Rotations, fold_norms, latent_modules, rotate_language_model, rotate_latents
+from qsvd.models.registry import decoder_layers, family_by_name, part, set_part, vision_layers
+from qsvd.models.rotation import (
+    LinearAffineLayerNorm,
+    Rotations,
+    fold_norms,
+    latent_modules,
+    rotate_language_model,
+    rotate_latents,
+    rotate_vision_tower,
+)
 from qsvd.models.surgery import apply_factors, group_weight, layer_shapes
 
 pytestmark = pytest.mark.unit
@@ -25,6 +34,23 @@ def _randomise_norms_and_newline(model, family, seed=0):
             norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=g))
         if family.image_newline is not None:
             part(model, family.image_newline, family).normal_(generator=g)
+
+
+def _vision_norms(model, family):
+    """Every LayerNorm the vision rotation folds: those of each layer, and the family's pre- and post-norm."""
+    norms = [part(model, path, family) for path in (family.vision_pre_norm, family.vision_post_norm) if path is not None]
+    for layer in vision_layers(model, family):
+        norms += [part(layer, family.vision_attention_norm, family), part(layer, family.vision_mlp_norm, family)]
+    return norms
+
+
+def _randomise_vision_norms(model, family, seed=1):
+    """Non-trivial LayerNorm scales and shifts (tiny models start at γ = 1, b = 0) so folding them is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in _vision_norms(model, family):
+            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=g))
+            norm.bias.normal_(generator=g)
 
 
 def _make_lowrank(model, family, layout):
@@ -92,3 +118,63 @@ def test_folding_norms_keeps_the_function(tiny_model, images):
     expected = _logits(model, processor, family, images)
     fold_norms(model, family)
     torch.testing.assert_close(_logits(model, processor, family, images), expected, rtol=1e-5, atol=1e-5)
+
+
+VISION_CASES = [("llava", 4), ("llava-next", 4), ("smolvlm", 2)]
+VISION_ROLES = {"vision_residual", "vision_mlp_down", "vision_heads", "vision_head_dim"}
+
+
+def _vision_linear_paths(family):
+    return [*family.vision_qkv, family.vision_attention_output, *family.vision_mlp_inputs, family.vision_mlp_output]
+
+
+@pytest.mark.parametrize(("family_name", "kv_heads"), VISION_CASES, ids=[f for f, _ in VISION_CASES])
+def test_rotated_vision_tower_computes_the_same_logits(tiny_model, images, family_name, kv_heads):
+    model, processor = tiny_model(family_name, kv_heads=kv_heads)
+    family = family_by_name(family_name)
+    _randomise_norms_and_newline(model, family)
+    _randomise_vision_norms(model, family)
+    expected = _logits(model, processor, family, images)
+    layers = vision_layers(model, family)
+    before = [{path: part(layer, path, family).weight.clone() for path in _vision_linear_paths(family)} for layer in layers]
+    reader_before = part(model, family.vision_output_reader, family).weight.clone()
+    rotations = rotate_language_model(model, family, seed=0)
+    rotate_vision_tower(model, family, seed=0, rotations=rotations)
+    torch.testing.assert_close(_logits(model, processor, family, images), expected, rtol=1e-4, atol=1e-4)
+
+    assert VISION_ROLES <= set(rotations.roles) and rotations.roles["vision_residual"]["kind"] == "mean-preserving"
+    for layer, weights in zip(layers, before):
+        for path, weight in weights.items():
+            assert not torch.allclose(part(layer, path, family).weight, weight, atol=1e-3), path
+        fc2 = part(layer, family.vision_mlp_output, family)
+        assert isinstance(fc2, QuantizedLinear) and fc2.input_transform.rotation_kind == "hadamard"
+        out_proj = part(layer, family.vision_attention_output, family)
+        assert out_proj.input_transform.rotation_size == model.config.vision_config.num_attention_heads
+    assert not torch.allclose(part(model, family.vision_output_reader, family).weight, reader_before, atol=1e-3)
+    if family.vision_pre_norm is not None:
+        assert isinstance(part(model, family.vision_pre_norm, family), LinearAffineLayerNorm)
+    for norm in _vision_norms(model, family):
+        if not isinstance(norm, LinearAffineLayerNorm):
+            assert norm.weight.eq(1).all() and norm.bias.eq(0).all()
+    # the check has teeth: another image moves the logits far beyond the tolerance
+    assert (_logits(model, processor, family, images[1:]) - expected).abs().max() > 1e-2
+
+
+def test_rotated_vision_tower_keeps_a_projector_reading_several_feature_layers(tiny_model, images):
+    model, processor = tiny_model("llava", kv_heads=4)
+    family = family_by_name("llava")
+    model.config.vision_feature_layer = [-3, -1]  # the stream after the pre-norm and after the last layer, side by side
+    width = model.config.vision_config.hidden_size
+    set_part(model, family.vision_output_reader, nn.Linear(2 * width, model.config.text_config.hidden_size), family)
+    _randomise_vision_norms(model, family)
+    expected = _logits(model, processor, family, images)
+    rotate_vision_tower(model, family, seed=3, rotations=Rotations())
+    torch.testing.assert_close(_logits(model, processor, family, images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vision_rotation_rejects_a_reader_of_partial_tokens(tiny_model):
+    model, _ = tiny_model("llava", kv_heads=4)
+    family = family_by_name("llava")
+    set_part(model, family.vision_output_reader, nn.Linear(40, 64), family)
+    with pytest.raises(ValueError, match="not a multiple of the vision width 32"):
+        rotate_vision_tower(model, family, seed=0, rotations=Rotations())

@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 from qsvd.artefacts import read_json
 from qsvd.data.records import Record, write_records
 from qsvd.math.quantize import QuantizedWeight
-from qsvd.models.checkpoint import QUANTIZED_WEIGHTS, load_checkpoint
+from qsvd.models.checkpoint import QUANTIZED_WEIGHTS, load_checkpoint, open_checkpoint
 from qsvd.models.prompts import encode_prompt
 from qsvd.models.quantized import quantization_targets
-from qsvd.models.registry import decoder_layers, family_by_name
+from qsvd.models.registry import decoder_layers, family_by_name, vision_layers
 from qsvd.models.rotation import latent_modules
 from qsvd.stages.activation_stats import run_activation_stats
 from qsvd.stages.decompose import run_decompose
@@ -18,6 +18,7 @@ from qsvd.stages.evaluate import run_evaluate
 from qsvd.stages.lowrank_model import run_lowrank_model
 from qsvd.stages.quantize import QuantSpec, run_quantize
 from qsvd.stages.rank_plan import run_rank_plan
+from tests.models.test_rotation import _randomise_vision_norms
 from tests.stages.test_pipeline_tiny import _saved, dataset  # noqa: F401  (fixture)
 
 
@@ -47,6 +48,24 @@ def test_full_precision_rotated_checkpoint_reloads_with_the_same_logits(tiny, da
     assert manifest["quantization"]["label"] == "W16A16" and manifest["quantization"]["simulated"] is True
     assert {"residual", "mlp_down", "heads", "head_dim"} <= set(manifest["quantization"]["rotations"])
     assert any(role.startswith("latent.") for role in manifest["quantization"]["rotations"])
+
+
+@pytest.mark.parametrize(("name", "kv_heads"), [("llava", 4), ("smolvlm", 2)])  # a pre-norm shell; a connector bias shell
+def test_rotated_vision_tower_reloads_with_the_same_logits(tiny_model, tmp_path, images, name, kv_heads):
+    model, processor = tiny_model(name, kv_heads=kv_heads)
+    family = family_by_name(name)
+    _randomise_vision_norms(model, family)
+    expected = _logits(model, processor, family, images[0])
+    source = _saved(model, processor, tmp_path / "model")
+    out = run_quantize(str(source), name, None, QuantSpec(weight_bits=None, act_bits=None), tmp_path / "rotated")
+    rotated, _, manifest = open_checkpoint(out, name)
+    torch.testing.assert_close(_logits(rotated, processor, family, images[0]), expected, rtol=1e-4, atol=1e-4)
+    roles = manifest["quantization"]["rotations"]
+    assert {"vision_residual", "vision_mlp_down", "vision_heads", "vision_head_dim"} <= set(roles)
+    vision = [entry for entry in manifest["quantization"]["layers"] if entry["part"] == "vision"]
+    assert sum(entry.get("input_rotation") == "hadamard(64)" for entry in vision) == len(vision_layers(rotated, family))
+    unrotated = run_quantize(str(source), name, None, QuantSpec(weight_bits=None, act_bits=None, vision=False), tmp_path / "lm")
+    assert not any(role.startswith("vision_") for role in read_json(unrotated / "manifest.json")["quantization"]["rotations"])
 
 
 def test_w8a8_stays_close_reloads_bit_identically_and_exports_integer_codes(tiny_model, dataset, tmp_path, images):  # noqa: F811
