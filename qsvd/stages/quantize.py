@@ -114,7 +114,7 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
             "spec": dataclasses.asdict(spec),
             "rotations": rotations.roles,
             "layers": layers,
-            "full_precision": ["embeddings", "lm_head"] + ([] if spec.vision or not adapter.multimodal else ["vision tower", "projector"]),
+            "full_precision": _full_precision(adapter, spec),
         },
         cost=_quantized_cost(base_manifest.get("cost", {"R1": 1.0, "R2": 1.0}), spec) | _byte_figures(model, adapter, codes, spec, base_manifest),
         layout=base_manifest.get("layout"),
@@ -226,6 +226,16 @@ def _input_hessians(model, processor, family, targets: list[Target], data_dir: P
 
     _calibration_pass(model, processor, family, data_dir, targets, record, "GPTQ Hessians")
     return hessians
+
+
+def _full_precision(family, spec: QuantSpec) -> list[str]:
+    """The parts the quantized model keeps in full precision."""
+    kept = ["embeddings", "lm_head"]
+    if family.multimodal and not spec.vision:
+        kept += ["vision tower", "projector"]
+    elif family.multimodal:
+        kept += ["vision embeddings"] + (["vision pre-norm affine map (rotated)"] if spec.rotate and family.vision_pre_norm else [])
+    return kept
 
 
 def _layer_record(target: Target, transforms, spec: QuantSpec) -> dict:

@@ -91,6 +91,7 @@ def test_w8a8_stays_close_reloads_bit_identically_and_exports_integer_codes(tiny
     # Every LM linear, the latent, the vision tower and the projector are listed, with their bits.
     layers = {entry["name"]: entry for entry in manifest["quantization"]["layers"]}
     assert {entry["part"] for entry in layers.values()} == {"lm", "vision", "projector"}
+    assert manifest["quantization"]["full_precision"] == ["embeddings", "lm_head", "vision embeddings", "vision pre-norm affine map (rotated)"]
     downs = [e for e in layers.values() if e["kind"] == "latent_down"]
     assert len(downs) == len(decoder_layers(quantized, family)) and all(e["latent_bits"] == 8 for e in downs)
     assert all(e["weight_bits"] == 8 and e["input_bits"] == 8 for e in layers.values())
