@@ -48,6 +48,7 @@ class QuantSpec:
     rotate_latent: bool = True  # H2 (low-rank models only)
     vision: bool = True  # quantize the vision tower and projector too (multimodal families)
     gptq_damping: float = 0.01
+    hessian_memory_gib: float = 4.0  # GPTQ Hessians held at once; more targets than fit take further calibration passes
     act_order: bool = False
     beta: float | None = None  # None: β chosen per layer (paper Eq. 14); a number: that β in every layer
     seed: int = 0
@@ -96,9 +97,15 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
     transforms = {t.name: input_transforms(model, t) for t in targets}
     codes: dict[str, torch.Tensor] = {}
     if spec.weight_bits is not None:
-        hessians = _input_hessians(model, processor, adapter, targets, data_dir) if spec.weight_method == "gptq" else {}
-        for target in tqdm(targets, desc=f"quantize weights ({spec.weight_method}, {spec.weight_bits} bits)"):
-            codes |= _quantize_weight(model, target, spec, hessians.pop(target.name, None))
+        gptq = spec.weight_method == "gptq"
+        batches = hessian_batches(model, targets, int(spec.hessian_memory_gib * 2**30)) if gptq else [targets]
+        progress = tqdm(total=len(targets), desc=f"quantize weights ({spec.weight_method}, {spec.weight_bits} bits)")
+        for batch in batches:
+            hessians = _input_hessians(model, processor, adapter, batch, data_dir) if gptq else {}
+            for target in batch:
+                codes |= _quantize_weight(model, target, spec, hessians.pop(target.name, None))
+                progress.update()
+        progress.close()
     for target in targets:
         clip = spec.lm_clip if target.part == "lm" else spec.vision_clip
         for _, transform in transforms[target.name]:
@@ -212,6 +219,22 @@ def _calibration_pass(model, processor, family, data_dir: Path, targets: list[Ta
     missing = [t.name for t in targets if t.name not in reached]
     if missing:
         raise RuntimeError(f"no calibration input reached {missing[:3]}: is the calibration set for this model's modality?")
+
+
+def hessian_batches(model, targets: list[Target], limit_bytes: int) -> list[list[Target]]:
+    """`targets` in order, cut into runs whose float64 Hessians (in_features² × 8 bytes each) fit in
+    `limit_bytes` (a target larger than that alone). Each run is one calibration pass: it sees the
+    weights of the runs before it already quantized, as in layer-by-layer GPTQ."""
+    batches: list[list[Target]] = []
+    used = limit_bytes
+    for target in targets:
+        size = 8 * model.get_submodule(target.name).weight.shape[1] ** 2
+        if used + size > limit_bytes:
+            batches.append([])
+            used = 0
+        batches[-1].append(target)
+        used += size
+    return batches
 
 
 def _input_hessians(model, processor, family, targets: list[Target], data_dir: Path | None) -> dict[str, torch.Tensor]:

@@ -1,5 +1,7 @@
 """The quantization stage on tiny models: rotations exact in full precision, W8A8 close, reload identical."""
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,7 +18,7 @@ from qsvd.stages.activation_stats import run_activation_stats
 from qsvd.stages.decompose import run_decompose
 from qsvd.stages.evaluate import run_evaluate
 from qsvd.stages.lowrank_model import run_lowrank_model
-from qsvd.stages.quantize import QuantSpec, run_quantize
+from qsvd.stages.quantize import QuantSpec, hessian_batches, run_quantize
 from qsvd.stages.rank_plan import run_rank_plan
 from tests.models.test_rotation import _randomise_vision_norms
 from tests.stages.test_pipeline_tiny import _saved, dataset  # noqa: F401  (fixture)
@@ -152,5 +154,14 @@ def test_gptq_uses_calibration_inputs_and_rejects_a_missing_dataset(tiny_model, 
     manifest = read_json(out / "manifest.json")
     assert manifest["quantization"]["label"] == "W4A16" and manifest["layout"] is None
     assert all(e["weight_method"] == "gptq" for e in manifest["quantization"]["layers"])
+    # Hessians beyond the memory limit take further calibration passes: every target is quantized once.
+    targets = quantization_targets(model, family_by_name("llama"), vision=False)
+    sizes = [8 * model.get_submodule(t.name).weight.shape[1] ** 2 for t in targets]
+    batches = hessian_batches(model, targets, max(sizes))
+    assert [t for batch in batches for t in batch] == targets and len(batches) > len(targets) // 2
+    assert all(sum(8 * model.get_submodule(t.name).weight.shape[1] ** 2 for t in batch) <= max(sizes) for batch in batches)
+    assert hessian_batches(model, targets, sum(sizes)) == [targets]
+    small = run_quantize(str(source), "llama", text, dataclasses.replace(spec, hessian_memory_gib=max(sizes) / 2**30), tmp_path / "gptq-small")
+    assert set(load_file(str(small / QUANTIZED_WEIGHTS))) == set(load_file(str(out / QUANTIZED_WEIGHTS)))
     with pytest.raises(ValueError, match="no vision tower"):
         quantization_targets(model, family_by_name("llama"), vision=True)
