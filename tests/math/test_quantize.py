@@ -7,6 +7,7 @@ from qsvd.math.quantize import (
     CLIP_NORM,
     WeightFormat,
     code_range,
+    fit_grid,
     quantize_gptq,
     quantize_per_token,
     quantize_rtn,
@@ -51,6 +52,21 @@ def test_rtn_error_and_code_range(bits, floor_db):
     assert low <= quantized.codes.min() and quantized.codes.max() <= high
     assert (quantized.dequantize() - weight).abs().max(dim=1).values.le(quantized.scale[:, 0] / 2 + 1e-6).all()
     assert _sqnr_db(weight, quantized.dequantize()) > floor_db
+
+
+def test_coarse_to_fine_clip_search_matches_the_full_grid():
+    """A third of the trials; the searched error stays within 0.1% of the exhaustive grid's (measured 0.003%)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 192, generator=generator) * torch.rand(192, generator=generator).pow(3)
+
+    def searched_error(**options):
+        scale, _ = fit_grid(weight, 4, True, True, **options)
+        low, high = code_range(4, True)
+        dequantized = torch.clamp(torch.round(weight / scale[:, None]), low, high) * scale[:, None]
+        return (dequantized - weight).abs().pow(CLIP_NORM).sum()
+
+    fast, full = searched_error(), searched_error(coarse=1)
+    assert full <= fast <= 1.001 * full, (float(fast), float(full))
 
 
 def test_clip_search_never_increases_the_searched_error():
