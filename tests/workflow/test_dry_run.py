@@ -33,7 +33,8 @@ def _dry_run(workdir, configfile):
 
 def _rules(output: str) -> set[str]:
     names = {"materialise_dataset", "demo_model", "activation_stats", "input_gram", "decompose", "importance",
-             "rank_plan", "lowrank_model", "evaluate_uncompressed", "evaluate_lowrank", "report"}
+             "rank_plan", "lowrank_model", "evaluate_uncompressed", "evaluate_lowrank", "report",
+             "quantize_lowrank", "quantize_dense", "evaluate_quantized_lowrank", "evaluate_quarot"}
     return {line.split()[0] for line in output.splitlines() if line.split() and line.split()[0] in names}
 
 
@@ -63,3 +64,14 @@ def test_adding_a_method_reuses_what_it_shares(finished_workdir, tmp_path):
     """joint-uniform shares qsvd's decomposition: only its plans, models and scores are new."""
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, methods=["qsvd", "svd-llm", "joint-uniform"])))
     assert rules == {"rank_plan", "lowrank_model", "evaluate_lowrank", "report"}
+
+
+def test_changing_only_bit_widths_reruns_quantization_onwards(finished_workdir, tmp_path):
+    rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"quantization.formats": ["W8A8", "W4A4"]})))
+    assert rules == {"quantize_lowrank", "quantize_dense", "evaluate_quantized_lowrank", "evaluate_quarot", "report"}
+
+
+def test_beta_ablation_adds_low_rank_settings_only(finished_workdir, tmp_path):
+    """QuaRot has no latent: the fixed-β settings are low-rank models only; everything before is reused."""
+    rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"quantization.beta_ablation": [0.2]})))
+    assert rules == {"quantize_lowrank", "evaluate_quantized_lowrank", "report"}
