@@ -58,7 +58,8 @@ class DemoRecipe:
     lm_weight_decay: float = 0.01
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
-    max_train_images: int | None = None  # the first images by id; None: all 4000
+    max_train_images: int | None = None  # the language phase's images, the first by id; None: all 4000
+    max_vision_images: int | None = None  # the vision phase's images, the first by id; None: the language phase's
     max_train_questions: int | None = None  # a seeded sample of their questions; None: all
     eval_questions: int = 500  # a fixed seeded sample of the test split
 
@@ -353,9 +354,13 @@ def held_out_questions(count: int) -> tuple[list[Record], dict[str, Path]]:
     return [test[i] for i in sorted(order.tolist())], _by_name(paths)
 
 
+def _images_by_id(records: list[Record]) -> list[str]:
+    return sorted({r.image for r in records}, key=lambda name: int(name.split(".")[0]))
+
+
 def training_questions(records: list[Record], recipe: DemoRecipe, generator: torch.Generator) -> tuple[list[str], list[Record]]:
     """(image names in id order, their questions) after the recipe's image and question caps."""
-    names = sorted({r.image for r in records}, key=lambda name: int(name.split(".")[0]))[: recipe.max_train_images]
+    names = _images_by_id(records)[: recipe.max_train_images]
     kept = set(names)
     questions = [r for r in records if r.image in kept]
     if recipe.max_train_questions is not None and recipe.max_train_questions < len(questions):
@@ -374,9 +379,14 @@ def fit_vlm(model: nn.Module, processor: Any, parts: VisionLanguageParts, plan: 
     records, paths = easy_vqa_records("train")
     names, train = training_questions(records, plan, generator)
     attributes = image_attributes(records)
-    pixels = _load_pixels(processor, [_by_name(paths)[name] for name in names])
-    summary = pretrain_vision(model, pixels, torch.tensor([attributes[n] for n in names]), plan, generator, deadline, parts)
+    vision_names = _images_by_id(records)[: plan.max_vision_images] if plan.max_vision_images else names
+    vision_pixels = _load_pixels(processor, [_by_name(paths)[name] for name in vision_names])
+    summary = pretrain_vision(model, vision_pixels, torch.tensor([attributes[n] for n in vision_names]), plan, generator, deadline, parts)
     vision_seconds = time.monotonic() - start
+    if names == vision_names[: len(names)]:
+        pixels = vision_pixels[: len(names)]
+    else:
+        pixels = _load_pixels(processor, [_by_name(paths)[name] for name in names])
     with torch.no_grad():
         features = torch.cat([parts.patch_features(model, chunk) for chunk in pixels.split(256)])
     index = {name: i for i, name in enumerate(names)}
@@ -397,6 +407,7 @@ def fit_vlm(model: nn.Module, processor: Any, parts: VisionLanguageParts, plan: 
         "torch_threads": torch.get_num_threads(),
         "cut_by_time_limit": cut,
         "train_images": len(names),
+        "vision_images": len(vision_names),
         "train_questions": len(train),
         "held_out_questions": len(held_out),
         "held_out_accuracy": accuracy,

@@ -37,7 +37,7 @@ from qsvd.models.registry import decoder_layers, family_by_name, family_of
 pytestmark = pytest.mark.slow
 
 # The real training path at a size for tests: a few images and questions, a few steps of each phase.
-TINY = {"max_train_images": 16, "vision_epochs": 1, "max_train_questions": 16, "eval_questions": 8}
+TINY = {"max_train_images": 16, "max_vision_images": 24, "vision_epochs": 1, "max_train_questions": 16, "eval_questions": 8}
 
 
 @pytest.fixture
@@ -98,6 +98,7 @@ def test_tiny_recipe_runs_every_planned_step_and_records_its_summary(trained):
     assert not summary["cut_by_time_limit"]
     assert summary["lm_steps"] == summary["lm_steps_planned"] > 0
     assert summary["held_out_questions"] == TINY["eval_questions"]
+    assert (summary["vision_images"], summary["train_images"]) == (24, 16)  # the vision phase sees more images
     assert json.loads((directory / SUMMARY).read_text())["held_out_accuracy"] == summary["held_out_accuracy"]
     assert summary["trained_parameters"] < summary["parameters"] / 100  # the vision side only
 
