@@ -379,14 +379,15 @@ def fit_vlm(model: nn.Module, processor: Any, parts: VisionLanguageParts, plan: 
     records, paths = easy_vqa_records("train")
     names, train = training_questions(records, plan, generator)
     attributes = image_attributes(records)
+    image_paths = _by_name(paths)
     vision_names = _images_by_id(records)[: plan.max_vision_images] if plan.max_vision_images else names
-    vision_pixels = _load_pixels(processor, [_by_name(paths)[name] for name in vision_names])
+    vision_pixels = _load_pixels(processor, [image_paths[name] for name in vision_names])
     summary = pretrain_vision(model, vision_pixels, torch.tensor([attributes[n] for n in vision_names]), plan, generator, deadline, parts)
     vision_seconds = time.monotonic() - start
     if names == vision_names[: len(names)]:
         pixels = vision_pixels[: len(names)]
     else:
-        pixels = _load_pixels(processor, [_by_name(paths)[name] for name in names])
+        pixels = _load_pixels(processor, [image_paths[name] for name in names])
     with torch.no_grad():
         features = torch.cat([parts.patch_features(model, chunk) for chunk in pixels.split(256)])
     index = {name: i for i, name in enumerate(names)}

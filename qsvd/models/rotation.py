@@ -171,8 +171,7 @@ def rotate_language_model(model: nn.Module, family: ModelFamily, seed: int) -> R
     heads = rotations.make("heads", shape.num_heads, seed + SEED_OFFSETS["heads"], online=True)
     head_dim = rotations.make("head_dim", shape.head_dim, seed + SEED_OFFSETS["head_dim"])
     with torch.no_grad():
-        embeddings = part(model, family.embeddings, family)
-        embeddings.weight.copy_((embeddings.weight.to(torch.float64) @ residual).to(embeddings.weight.dtype))
+        _fold(part(model, family.embeddings, family), right=residual)  # a table's rows are stream vectors: E Q
         for layer in decoder_layers(model, family):
             for reader in attention_readers(layer, family) + [part(layer, p, family) for p in family.mlp_inputs]:
                 _fold(reader, right=residual)
@@ -231,8 +230,7 @@ def _rotate_writer(writer: nn.Module, rotation: torch.Tensor, where: str) -> Non
     if isinstance(writer, (nn.Linear, nn.Conv2d)):
         _fold(writer, left=rotation)
     elif isinstance(writer, nn.Embedding):
-        with torch.no_grad():
-            writer.weight.copy_((writer.weight.to(torch.float64) @ rotation).to(writer.weight.dtype))
+        _fold(writer, right=rotation)
     else:
         raise TypeError(f"{where} is a {type(writer).__name__}: a vision stream writer must be a Linear, Conv2d or "
                         f"Embedding; fix vision_embeddings of the family in qsvd/models/registry.py")
