@@ -20,6 +20,7 @@ try:  # optional CUDA accelerator; never required
     from fast_hadamard_transform import hadamard_transform as _cuda_power_of_two_transform
 except ImportError:  # pragma: no cover - depends on the machine
     _cuda_power_of_two_transform = None
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernel's; float64 stays in PyTorch
 
 
 def _is_prime(q: int) -> bool:
@@ -132,7 +133,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     blocks = x.reshape(*lead, k, power)
     if power > 1:
-        if _cuda_power_of_two_transform is not None and x.is_cuda:
+        if _cuda_power_of_two_transform is not None and x.is_cuda and x.dtype in _CUDA_DTYPES:
             blocks = _cuda_power_of_two_transform(blocks.contiguous())
         else:
             blocks = _walsh_hadamard(blocks)

@@ -1,5 +1,6 @@
 """Hadamard constructions: orthogonal for every supported order, transform = explicit matrix."""
 
+import importlib.util
 import math
 
 import pytest
@@ -47,6 +48,16 @@ def test_transform_equals_multiplication_by_the_normalised_matrix(n):
     x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     expected = x @ hadamard_matrix(n) / math.sqrt(n)
     torch.testing.assert_close(hadamard_transform(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("fast_hadamard_transform") is None,
+                    reason="the fast-hadamard-transform path needs CUDA and the package")
+@pytest.mark.parametrize("n", [64, 576, 1536])
+def test_cuda_accelerated_transform_equals_the_explicit_matrix(n):
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n))
+    expected = x.double() @ hadamard_matrix(n) / math.sqrt(n)
+    torch.testing.assert_close(hadamard_transform(x.cuda()).cpu().double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hadamard_transform(x.double().cuda()).cpu(), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_transform_keeps_the_dtype_and_the_norm():
