@@ -8,7 +8,7 @@ STAGE_VERSIONS = {
     "data": 1,
     "demo_model": 1,
     "export_smollm2": 1,
-    "smolvlm_offline_model": 3,
+    "smolvlm_offline_model": 4,
     "activation_stats": 1,
     "decompose": 2,
     "importance": 2,
