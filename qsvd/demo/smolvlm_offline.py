@@ -62,7 +62,7 @@ CHAT_TEMPLATE = (
 )
 # The full recipe (DemoRecipe fields; overrides apply on top). The vision phase is cheap: all 4000 images
 # for 24 epochs (this SigLIP-style tower plateaus: loss 1.19 on 400 images, 0.39 after 8 epochs on 4000,
-# 0.0005 after 24, about 2 min on one thread; the demo's CLIP tower reaches 0.014 in 8). Every language step runs the
+# about 0.002 after 24, under 2 min on one thread; the demo's CLIP tower reaches 0.014 in 8). Every language step runs the
 # 135M LM forward and backward (about 4.5 s a step of ~30 questions on one thread), so that phase sees a
 # seeded sample of 4500 questions of the first 1200 images, once (1500 of 400 images reached only 0.474).
 FULL_RECIPE = {"max_vision_images": 4000, "vision_epochs": 24.0, "max_train_images": 1200, "max_train_questions": 4500,
