@@ -50,6 +50,7 @@ def test_transform_equals_multiplication_by_the_normalised_matrix(n):
     torch.testing.assert_close(hadamard_transform(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("fast_hadamard_transform") is None,
                     reason="the fast-hadamard-transform path needs CUDA and the package")
 @pytest.mark.parametrize("n", [64, 576, 1536])
