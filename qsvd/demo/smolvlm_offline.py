@@ -200,7 +200,7 @@ def fit_smolvlm_offline(lm_dir: Path, seed: int = 0, max_minutes: float = 120.0,
     """Build and train the smolvlm-offline model and measure its held-out accuracy: (model, processor, summary).
 
     `recipe` overrides `FULL_RECIPE` (then `DemoRecipe`) and `VisionSizes` fields; as the demo, training
-    stops at `max_minutes` and is otherwise deterministic given `seed` and the torch thread count.
+    stops at `max_minutes` and is otherwise bit-reproducible given `seed` on one torch thread (see `fit_demo_model`).
     """
     lm_dir = language_model_dir(lm_dir)
     plan, sizes = split_overrides(FULL_RECIPE | recipe, VisionSizes)

@@ -14,7 +14,7 @@ if CFG.model.source == "demo":
             f"{RESULTS}/logs/demo_model.log",
         benchmark:
             f"{RESULTS}/benchmarks/demo_model.tsv"
-        threads: workflow.cores
+        threads: 1  # training is bit-reproducible on one thread; on 2 its language phase is not (measured)
         resources:
             mem_mb=8000,
         conda:
@@ -78,7 +78,7 @@ if CFG.model.source == "smolvlm-offline":
             f"{RESULTS}/logs/smolvlm_offline_model.log",
         benchmark:
             f"{RESULTS}/benchmarks/smolvlm_offline_model.tsv"
-        threads: workflow.cores
+        threads: 1  # training is bit-reproducible on one thread; on 2 its language phase is not (measured)
         resources:
             mem_mb=8000,
         conda:
