@@ -1,8 +1,8 @@
 """The smolvlm-offline model: SmolLM2 stays bit-identical inside it, the training shortcut is the model's
 own loss, and the saved checkpoint goes through the pipeline's loading, prompt and generation doors.
 
-Accuracy is not tested here: the full recipe takes 8 min on 2 threads and reaches 0.788 on
-500 held-out questions (README); a tiny recipe exercises the same code in about a minute."""
+Accuracy is not tested here: the full recipe takes 8 min on 2 threads (the workflow's one thread: longer)
+and reaches 0.788 on 500 held-out questions (README); a tiny recipe exercises the same code in about a minute."""
 
 from __future__ import annotations
 
