@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from qsvd.methods import ALLOCATIONS, INPUT_TRANSFORMS, LAYOUTS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from qsvd.models.device import DTYPES
 
 
 def _data(a):
@@ -41,19 +40,21 @@ def _export_smollm2(a):
 def _stats(a):
     from qsvd.stages.activation_stats import run_activation_stats
 
-    run_activation_stats(a.model, a.family, a.data, a.out, DTYPES[a.dtype], gram=a.gram)
+    run_activation_stats(a.model, a.family, a.data, a.out, DTYPES[a.dtype], gram=a.gram, device=a.device, batch_size=a.batch_size)
 
 
 def _decompose(a):
     from qsvd.stages.decompose import run_decompose
 
-    run_decompose(a.model, a.family, a.stats, a.layout, a.transform, a.alpha, a.out, damping=a.damping)
+    run_decompose(a.model, a.family, a.stats, a.layout, a.transform, a.alpha, a.out, damping=a.damping,
+                  dtype=DTYPES[a.dtype], device=a.device)
 
 
 def _importance(a):
     from qsvd.stages.importance import run_importance
 
-    run_importance(a.model, a.family, a.decomposition, a.data, a.out)
+    run_importance(a.model, a.family, a.decomposition, a.data, a.out, dtype=DTYPES[a.dtype], device=a.device,
+                   factor_memory_gib=a.factor_memory_gib)
 
 
 def _rank_plan(a):
@@ -65,20 +66,27 @@ def _rank_plan(a):
 def _lowrank_model(a):
     from qsvd.stages.lowrank_model import run_lowrank_model
 
-    run_lowrank_model(a.model, a.family, a.decomposition, a.plan, a.beta, a.out)
+    run_lowrank_model(a.model, a.family, a.decomposition, a.plan, a.beta, a.out, dtype=DTYPES[a.dtype], device=a.device)
 
 
 def _quantize(a):
     from qsvd.stages.quantize import QuantSpec, run_quantize
 
     spec = QuantSpec(**json.loads(a.spec))
-    run_quantize(a.model, a.family, a.data, spec, a.out)
+    run_quantize(a.model, a.family, a.data, spec, a.out, dtype=DTYPES[a.dtype], device=a.device)
 
 
 def _evaluate(a):
     from qsvd.stages.evaluate import run_evaluate
 
-    run_evaluate(a.model, a.family, a.data, a.out, a.max_new_tokens, json.loads(a.labels), DTYPES[a.dtype])
+    run_evaluate(a.model, a.family, a.data, a.out, a.max_new_tokens, json.loads(a.labels), DTYPES[a.dtype],
+                 device=a.device, batch_size=a.batch_size)
+
+
+def _export(a):
+    from qsvd.models.checkpoint import export_checkpoint
+
+    export_checkpoint(a.model, a.out)
 
 
 def _report(a):
@@ -101,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p):
         p.add_argument("--model", required=True, help="low-rank checkpoint, local model directory or hub id")
         p.add_argument("--family", required=True)
+        p.add_argument("--dtype", choices=DTYPES, default="float32", help="the dtype the model is held in (model.dtype)")
+        p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
 
     p = stage("data", _data, "materialise a calibration or evaluation set")
     p.add_argument("--dataset", required=True)
@@ -130,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("stats", _stats, "activation statistics of the LM attention inputs")
     model_args(p)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--gram", action="store_true", help="also accumulate XᵀX per layer (for whitening)")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward pass")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("decompose", _decompose, "thin SVD of each unit (e.g. each layer's joint QKV) after the input transform")
@@ -147,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--decomposition", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--factor-memory-gib", type=float, default=4.0,
+                   help="U and V held at once; more units take further passes over the calibration samples")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("rank-plan", _rank_plan, "per-layer ranks for one budget")
@@ -176,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--labels", default="{}", help="JSON labels copied into the result (model, method, budget...)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--batch-size", type=int, default=1, help="questions per generate call, passages per forward pass")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("export", _export, "write a standalone copy of a compressed checkpoint (every tensor, no base model needed)")
+    p.add_argument("--model", type=Path, required=True, help="a checkpoint of the lowrank-model or quantize stage")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("report", _report, "tidy CSV, markdown tables and trade-off plot")

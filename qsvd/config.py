@@ -44,6 +44,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    device: str = "auto"
+    calibration_batch_size: int = 1
+    evaluation_batch_size: int = 1
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether the model-reading stages may run on a GPU (so their rules request one)."""
+        return self.device != "cpu"
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     seed: int = 0
     max_minutes: float = 5.0
@@ -173,6 +185,7 @@ class QsvdConfig:
     rank: RankConfig
     factors: FactorsConfig
     demo: DemoConfig = field(default_factory=DemoConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     methods: tuple[str, ...] = ("qsvd",)
     report_name: str = "report"
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)

@@ -15,12 +15,34 @@ from transformers import BatchFeature
 def sequence_nll(model: nn.Module, batch: BatchFeature) -> tuple[float, int]:
     """(sum of -log p(token_t | tokens_<t) over t = 1..n-1, n - 1) for a batch of one sequence."""
     ids = batch["input_ids"]
-    if ids.shape[0] != 1 or ids.shape[1] < 2:
+    if ids.shape[0] != 1:
         raise ValueError(f"sequence_nll takes one sequence of at least 2 tokens, got input_ids of shape {tuple(ids.shape)}")
+    return sequence_nlls(model, batch)[0]
+
+
+@torch.no_grad()
+def sequence_nlls(model: nn.Module, batch: BatchFeature) -> list[tuple[float, int]]:
+    """(summed next-token NLL, predicted tokens) of every sequence of a batch, padding excluded.
+
+    Sequences are right-padded (as `pad_batch` pads forward-only batches): a sequence's real tokens
+    are where `attention_mask` is 1, and a token is predicted when it and the token before it are real.
+    Each sequence's sum is that of its own forward alone, up to float rounding.
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    lengths = mask.sum(1)
+    if ids.shape[1] < 2 or int(lengths.min()) < 2:
+        raise ValueError(f"sequence_nll takes sequences of at least 2 tokens, got lengths {lengths.tolist()} (input_ids {tuple(ids.shape)})")
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs).logits[0, :-1].float()
-    nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
-    return nll.item(), ids.shape[1] - 1
+    logits = model(**inputs).logits[:, :-1]
+    predicted = mask[:, 1:] & mask[:, :-1]
+    results = []
+    for row in range(ids.shape[0]):
+        keep = predicted[row]
+        nll = F.cross_entropy(logits[row][keep].float(), ids[row, 1:][keep], reduction="sum")
+        results.append((nll.item(), int(keep.sum())))
+    return results
 
 
 def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:

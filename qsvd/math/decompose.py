@@ -104,5 +104,5 @@ def joint_factors(
 
 def scaled_gradient_projection(svd: ScaledSVD, grad: torch.Tensor) -> torch.Tensor:
     """g_i = u_iᵀ (G·T⁻ᵀ) v_i = ∂loss/∂σ_i for every singular value i."""
-    g_scaled = _right_inverse_transpose(grad.to(torch.float64), svd.scale)
+    g_scaled = _right_inverse_transpose(grad.to(svd.u.dtype), svd.scale)
     return ((g_scaled @ svd.v) * svd.u).sum(dim=0)

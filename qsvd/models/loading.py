@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 
 from qsvd.config import looks_like_path
+from qsvd.models.device import resolve_device
 from qsvd.models.registry import ModelFamily, family_by_name, family_of_class
 
 SOURCE_KEY = "model.source"  # the config key that names the model directory or hub id
@@ -51,12 +52,20 @@ def _architecture(source: str) -> tuple[str, ModelFamily]:
     return architectures[0], family_of_class(architectures[0])
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32, family: str | None = None) -> tuple[nn.Module, Any]:
+def load_model(
+    source: str,
+    dtype: torch.dtype = torch.float32,
+    family: str | None = None,
+    device: str | torch.device | None = "cpu",
+    config: transformers.PretrainedConfig | None = None,
+) -> tuple[nn.Module, Any]:
     """(model in eval mode, processor) from a local directory or a hub id; text-only families get a tokenizer.
 
-    `family`, if given (config key model.family), must be the family the checkpoint's architecture
-    belongs to.
+    The weights are loaded straight into `dtype` on `device` (`auto`: CUDA when available), never through a
+    float32 copy. `family`, if given (config key model.family), must be the family the checkpoint's
+    architecture belongs to; `config` replaces the checkpoint's own (a compressed model's, e.g. untied embeddings).
     """
+    device = resolve_device(device)
     source = str(source)
     if looks_like_path(source):
         path = Path(source).expanduser()
@@ -80,7 +89,10 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, family: str | No
         )
     processor_class = transformers.AutoProcessor if detected.multimodal else transformers.AutoTokenizer
     try:
-        model = model_class.from_pretrained(source, dtype=dtype)
+        extra = {} if config is None else {"config": config}
+        if device.type != "cpu":
+            extra["device_map"] = {"": device}
+        model = model_class.from_pretrained(source, dtype=dtype, **extra)
         processor = processor_class.from_pretrained(source)
     except OSError as error:
         raise ModelLoadError(

@@ -3,13 +3,19 @@
 Multimodal families get a processor (tokenizer + image processor), text-only families a tokenizer.
 Family quirks are data of the processor (LLaVA-NeXT's `image_sizes`, SmolVLM's image splitting
 and `pixel_attention_mask`): whatever the processor returns is passed on unchanged.
+
+Batches of several samples are samples encoded one by one, then padded together by `pad_batch`
+as the processors pad a list: per-token tensors on one side (left for generation, right for
+forward-only passes), image tensors with zeros.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL.Image import Image
 from transformers import BatchFeature
 
@@ -18,6 +24,12 @@ from qsvd.models.registry import ModelFamily
 IGNORE_INDEX = -100
 PLAIN_TEXT_PROMPT = "Question: {question}\nAnswer:"
 TEXT_TOKENS = 256  # tokens of a text-corpus passage used for calibration and perplexity
+# Padding sides. generate() appends after the last column and derives position ids from the attention
+# mask, so prompts to generate from are padded on the left. A plain forward takes position ids
+# 0..T-1 whatever the mask (Llama-style LMs build them from cache_position), which are right for the
+# real tokens only when padding comes after them: forward-only batches are padded on the right.
+GENERATION_PADDING = "left"
+FORWARD_PADDING = "right"
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -131,3 +143,76 @@ def decode_generated(processor: Any, generated_ids: torch.Tensor, prompt_length:
             raise ValueError(f"decode_generated takes a batch of one sequence, got {generated_ids.shape[0]}")
         generated_ids = generated_ids[0]
     return tokenizer_of(processor).decode(generated_ids[prompt_length:], skip_special_tokens=True).strip()
+
+
+def _pad_token_id(processor: Any) -> int:
+    tokenizer = tokenizer_of(processor)
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    raise ValueError(
+        f"{type(tokenizer).__name__} has no pad token, needed to batch samples of different lengths: "
+        "set tokenizer.pad_token (e.g. to its eos token) or use batch size 1"
+    )
+
+
+def _pad_to(value: torch.Tensor, shape: Sequence[int], fill: float | int | bool, left: bool) -> torch.Tensor:
+    """`value` padded with `fill` up to `shape` (trailing dims padded at their end, the token dim on the left if `left`)."""
+    pad: list[int] = []
+    for dim in reversed(range(1, value.dim())):
+        missing = shape[dim] - value.shape[dim]
+        pad += [missing, 0] if left else [0, missing]
+    return F.pad(value, pad, value=fill) if any(pad) else value
+
+
+def pad_batch(samples: Sequence[BatchFeature], processor: Any, padding_side: str) -> BatchFeature:
+    """Samples encoded one at a time (each a batch of one) as one batch, padded as the processors pad a list.
+
+    Per-token tensors (those shaped like `input_ids`) are padded on `padding_side`: input_ids with
+    the pad token, labels with -100, attention_mask and every other with 0. Per-sample tensors are
+    stacked, zero-padded at the end of every dim: LLaVA-NeXT's image patches (the model keeps the
+    first patches `image_sizes` asks for), Idefics3/SmolVLM's images and pixel_attention_mask (the
+    model drops all-zero images). One sample comes back unchanged.
+    """
+    if padding_side not in (GENERATION_PADDING, FORWARD_PADDING):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not samples:
+        raise ValueError("pad_batch takes at least one sample")
+    if len(samples) == 1:
+        return samples[0]
+    keys = set(samples[0])
+    if any(set(sample) != keys for sample in samples):
+        raise ValueError(f"samples with different keys cannot share a batch: {[sorted(s) for s in samples]}")
+    lengths = [sample["input_ids"].shape[1] for sample in samples]
+    longest = max(lengths)
+    left = padding_side == GENERATION_PADDING
+    out = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
+        if not all(isinstance(v, torch.Tensor) for v in values) or any(v.shape[0] != 1 for v in values):
+            raise ValueError(f"pad_batch takes tensors of batches of one; {key!r} is not")
+        per_token = all(v.shape == (1, n) for v, n in zip(values, lengths))
+        if per_token:
+            fill = _pad_token_id(processor) if key == "input_ids" and len(set(lengths)) > 1 else 0
+            fill = IGNORE_INDEX if key == "labels" else fill
+            out[key] = torch.cat([_pad_to(v, (1, longest), fill, left) for v in values])
+        else:
+            shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+            out[key] = torch.cat([_pad_to(v, shape, 0, left=False) for v in values])
+    return BatchFeature(out)
+
+
+def decode_generated_batch(
+    processor: Any, generated_ids: torch.Tensor, prompt_length: int, stop_token_ids: Sequence[int] = ()
+) -> list[str]:
+    """The new tokens of every row of a batched generate() output, each as `decode_generated` gives it.
+
+    A row that met a stop token (eos) before the others is filled with pad tokens after it: each row is
+    cut after its first stop token, where the row would have ended had it been generated alone.
+    """
+    texts = []
+    stops = set(stop_token_ids)
+    for row in generated_ids:
+        new = row[prompt_length:].tolist()
+        end = next((i + 1 for i, token in enumerate(new) if token in stops), len(new))
+        texts.append(tokenizer_of(processor).decode(new[:end], skip_special_tokens=True).strip())
+    return texts

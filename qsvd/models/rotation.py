@@ -77,6 +77,8 @@ def _fold(module: nn.Module, left: torch.Tensor | None = None, right: torch.Tens
     as (output channels, everything else)."""
     with torch.no_grad():
         weight = module.weight.to(torch.float64).flatten(1)
+        left = None if left is None else left.to(weight.device)
+        right = None if right is None else right.to(weight.device)
         if left is not None:
             weight = left.T @ weight
             if getattr(module, "bias", None) is not None:
@@ -184,7 +186,7 @@ def rotate_language_model(model: nn.Module, family: ModelFamily, seed: int) -> R
             _fold(part(model, family.projector_output, family), left=residual)
         if family.image_newline is not None:
             newline = part(model, family.image_newline, family)
-            newline.copy_((newline.to(torch.float64) @ residual).to(newline.dtype))
+            newline.copy_((newline.to(torch.float64) @ residual.to(newline.device)).to(newline.dtype))
     install_online_rotations(model, family, rotations)
     return rotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -40,8 +40,16 @@ def group_weight(layer: nn.Module, family: ModelFamily, group: str) -> torch.Ten
     return torch.cat([p.weight.detach().to(torch.float64) for p in group_projections(layer, family, group)])
 
 
-def install_lowrank_shells(model: nn.Module, family: ModelFamily, layout: str, ranks: list[int]) -> None:
-    """Replace every unit of `layout` (e.g. each layer's joint q/k/v) by empty low-rank modules of the given ranks."""
+def install_lowrank_shells(
+    model: nn.Module,
+    family: ModelFamily,
+    layout: str,
+    ranks: list[int],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Replace every unit of `layout` (e.g. each layer's joint q/k/v) by empty low-rank modules of the given ranks,
+    in `dtype` on `device` (default: those of the weights they replace; "meta" for shells filled by loading)."""
     layers = decoder_layers(model, family)
     units = layout_units(layer_shapes(model, family), layout)
     if len(ranks) != len(units):
@@ -58,19 +66,26 @@ def install_lowrank_shells(model: nn.Module, family: ModelFamily, layout: str, r
             rank=rank,
             in_features=projections[0].in_features,
             biases=tuple(p.bias is not None for p in projections),
-            dtype=reference.dtype,
-            device=reference.device,
+            dtype=dtype or reference.dtype,
+            device=device or reference.device,
         )
 
 
-def apply_factors(model: nn.Module, family: ModelFamily, layout: str, factors: list[JointFactors]) -> None:
-    """Swap every unit's projections for y_p = A_p (B x) + b_p (one `factors` entry per unit), keeping biases."""
+def apply_factors(
+    model: nn.Module, family: ModelFamily, layout: str, factors: Iterable[JointFactors], ranks: list[int] | None = None
+) -> None:
+    """Swap every unit's projections for y_p = A_p (B x) + b_p (one `factors` entry per unit), keeping biases.
+
+    `factors` may be a generator: with `ranks` given, each unit's factors are made, copied and dropped in turn."""
     layers = decoder_layers(model, family)
     units = layout_units(layer_shapes(model, family), layout)
     biases = [[p.bias for p in group_projections(layers[u.layer], family, u.group)] for u in units]
-    install_lowrank_shells(model, family, layout, [len(f.indices) for f in factors])
+    if ranks is None:
+        factors = list(factors)
+        ranks = [len(f.indices) for f in factors]
+    install_lowrank_shells(model, family, layout, ranks)
     with torch.no_grad():
-        for unit, unit_factors, unit_biases in zip(units, factors, biases):
+        for unit, unit_factors, unit_biases in zip(units, factors, biases, strict=True):
             new = group_projections(layers[unit.layer], family, unit.group)
             new[0].down.weight.copy_(unit_factors.down)
             for up, a, bias in zip(new, unit_factors.up, unit_biases):
@@ -80,15 +95,36 @@ def apply_factors(model: nn.Module, family: ModelFamily, layout: str, factors: l
 
 
 @contextmanager
-def attention_inputs(model: nn.Module, family: ModelFamily, record) -> Iterator[None]:
-    """Call `record(layer_index, x)` with the input of every LM layer's q/k/v; hooks always removed."""
+def attention_inputs(
+    model: nn.Module,
+    family: ModelFamily,
+    record: Callable[[int, torch.Tensor], None],
+    token_mask: Callable[[], torch.Tensor | None] | None = None,
+) -> Iterator[None]:
+    """Call `record(layer_index, x)` with the input of every LM layer's q/k/v; hooks always removed.
+
+    x is what the projection sees, (batch, tokens, E). With `token_mask`, a function returning the
+    (batch, tokens) attention mask of the forward in progress (None: every token), x is instead
+    (real tokens, E): the rows where that mask is nonzero, so padding never reaches `record`.
+    """
+
+    def observe(index: int, x: torch.Tensor) -> None:
+        mask = token_mask() if token_mask is not None else None
+        if mask is None:
+            record(index, x)
+            return
+        if mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"token mask of shape {tuple(mask.shape)} does not match layer {index}'s input {tuple(x.shape)}: "
+                "give the attention_mask of the batch being forwarded"
+            )
+        record(index, x[mask.to(device=x.device, dtype=torch.bool)])
+
     handles = []
     try:
         for index, layer in enumerate(decoder_layers(model, family)):
             q = qkv_projections(layer, family)[0]
-            handles.append(
-                q.register_forward_pre_hook(lambda module, args, index=index: record(index, args[0]))
-            )
+            handles.append(q.register_forward_pre_hook(lambda module, args, index=index: observe(index, args[0])))
         yield
     finally:
         for handle in handles:

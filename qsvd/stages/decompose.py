@@ -6,27 +6,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
-from qsvd.artefacts import provenance, read_artefact, write_artefact
+from qsvd.artefacts import MANIFEST, provenance, read_artefact, read_json, write_artefact
 from qsvd.math.cost import LayerShape, Unit, layout_units
 from qsvd.math.decompose import ScaledSVD, activation_scale, scaled_svd, whitening
 from qsvd.methods import INPUT_TRANSFORMS, LAYOUTS
 from qsvd.models.checkpoint import open_model
+from qsvd.models.device import resolve_device
 from qsvd.models.registry import decoder_layers, family_by_name
 from qsvd.models.surgery import group_weight, layer_shapes
 
 
-
 @dataclass(frozen=True)
 class Decomposition:
-    """What `run_decompose` wrote: the layout, the layer shapes, and one SVD per unit (float64)."""
+    """What `run_decompose` wrote: the layout, the layer shapes, σ of every unit; U, V, T read one unit at a time."""
 
+    directory: Path
     layout: str
     shapes: list[LayerShape]
     units: list[Unit]
-    svds: list[ScaledSVD]
+    sigmas: list[torch.Tensor]  # float64, descending
     manifest: dict
+
+    def svd(self, index: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> ScaledSVD:
+        """The SVD of unit `index` in `dtype` on `device`, read from disk (only this unit's tensors)."""
+        unit = self.units[index]
+        names = {name: f"{unit.name}.{name}" for name in ("u", "sigma", "v")} | {"scale": f"layer.{unit.layer}.transform"}
+        with safe_open(str(self.directory / self.manifest["tensors"]), framework="pt") as stored:
+            return ScaledSVD(**{field: stored.get_tensor(key).to(device=device, dtype=dtype) for field, key in names.items()})
+
+    @property
+    def svds(self) -> list[ScaledSVD]:
+        """Every unit's SVD (float64, CPU): small models and tests only."""
+        return [self.svd(index) for index in range(len(self.units))]
 
 
 def input_transform(stats: dict[str, torch.Tensor], layer: int, transform: str, alpha: float, damping: float) -> torch.Tensor:
@@ -50,13 +64,18 @@ def run_decompose(
     alpha: float,
     out_dir: Path,
     damping: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "cpu",
 ) -> Path:
-    """Store T per layer and U, σ, V of W_g·T per unit g of `layout` (float32), plus the layer shapes."""
+    """Store T per layer and U, σ, V of W_g·T per unit g of `layout` (float32), plus the layer shapes.
+
+    The model is held in `dtype` on `device`; each unit's SVD is computed there in float64."""
     if transform not in INPUT_TRANSFORMS:
         raise ValueError(f"input transform {transform!r} is not one of {INPUT_TRANSFORMS}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}")
-    model, _ = open_model(model_source, family, torch.float32)
+    device = resolve_device(device)
+    model, _ = open_model(model_source, family, dtype, device)
     adapter = family_by_name(family)
     stats, _ = read_artefact(stats_dir)
     layers = decoder_layers(model, adapter)
@@ -66,9 +85,9 @@ def run_decompose(
         if unit.layer not in transforms:
             transforms[unit.layer] = input_transform(stats, unit.layer, transform, alpha, damping)
             tensors[f"layer.{unit.layer}.transform"] = transforms[unit.layer]  # float64: B carries its inverse
-        svd = scaled_svd(group_weight(layers[unit.layer], adapter, unit.group), transforms[unit.layer])
+        svd = scaled_svd(group_weight(layers[unit.layer], adapter, unit.group), transforms[unit.layer].to(device))
         for name in ("u", "sigma", "v"):
-            tensors[f"{unit.name}.{name}"] = getattr(svd, name).float()
+            tensors[f"{unit.name}.{name}"] = getattr(svd, name).float().cpu()
     manifest = provenance(
         "decompose",
         {
@@ -79,6 +98,8 @@ def run_decompose(
             "transform": transform,
             "alpha": alpha,
             "damping": damping,
+            "dtype": str(dtype),
+            "device": str(device),
         },
     )
     manifest.update(layout=layout, layers=[vars(s) for s in shapes])
@@ -86,15 +107,11 @@ def run_decompose(
 
 
 def read_decomposition(directory: Path) -> Decomposition:
-    """The decomposition written by `run_decompose`, tensors in float64."""
-    tensors, manifest = read_artefact(directory)
+    """The decomposition written by `run_decompose`: its manifest and σ now, each unit's U, V and T on demand."""
+    directory = Path(directory)
+    manifest = read_json(directory / MANIFEST)
     shapes = [LayerShape(**layer) for layer in manifest["layers"]]
     units = layout_units(shapes, manifest["layout"])
-    svds = [
-        ScaledSVD(
-            **{name: tensors[f"{u.name}.{name}"].to(torch.float64) for name in ("u", "sigma", "v")},
-            scale=tensors[f"layer.{u.layer}.transform"].to(torch.float64),
-        )
-        for u in units
-    ]
-    return Decomposition(manifest["layout"], shapes, units, svds, manifest)
+    with safe_open(str(directory / manifest["tensors"]), framework="pt") as stored:
+        sigmas = [stored.get_tensor(f"{u.name}.sigma").to(torch.float64) for u in units]
+    return Decomposition(directory, manifest["layout"], shapes, units, sigmas, manifest)

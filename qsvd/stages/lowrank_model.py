@@ -9,6 +9,7 @@ import torch
 from qsvd.artefacts import provenance
 from qsvd.math.decompose import joint_factors
 from qsvd.models.checkpoint import LOWRANK_STAGE, open_model, save_checkpoint
+from qsvd.models.device import resolve_device
 from qsvd.models.registry import family_by_name
 from qsvd.models.surgery import apply_factors
 from qsvd.stages.decompose import read_decomposition
@@ -16,20 +17,31 @@ from qsvd.stages.rank_plan import read_plan
 
 
 def run_lowrank_model(
-    model_source: str, family: str, decomposition_dir: Path, plan_path: Path, beta: float, out_dir: Path
+    model_source: str,
+    family: str,
+    decomposition_dir: Path,
+    plan_path: Path,
+    beta: float,
+    out_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "cpu",
 ) -> Path:
-    """Per unit: B = diag(σ_I^β) V_Iᵀ T⁻¹ shared, A_p = U_{p,I} diag(σ_I^(1-β)); original biases kept."""
-    model, processor = open_model(model_source, family, torch.float32)
+    """Per unit: B = diag(σ_I^β) V_Iᵀ T⁻¹ shared, A_p = U_{p,I} diag(σ_I^(1-β)); original biases kept.
+
+    The model is held in `dtype` on `device`; each unit's factors are computed in float64, one unit at a time,
+    and cast to `dtype`. The checkpoint is lean: the factors and a reference to the base model."""
+    device = resolve_device(device)
+    model, processor = open_model(model_source, family, dtype, device)
     adapter = family_by_name(family)
     decomposition = read_decomposition(decomposition_dir)
     kept, plan = read_plan(plan_path)
     if plan["layout"] != decomposition.layout:
         raise ValueError(f"plan {plan_path} is for the {plan['layout']!r} layout, {decomposition_dir} is {decomposition.layout!r}")
-    factors = [
-        joint_factors(svd, indices, beta, [unit.shape.out(p) for p in unit.group])
-        for svd, indices, unit in zip(decomposition.svds, kept, decomposition.units)
-    ]
-    apply_factors(model, adapter, decomposition.layout, factors)
+    factors = (
+        joint_factors(decomposition.svd(index, device), indices, beta, [unit.shape.out(p) for p in unit.group])
+        for index, (indices, unit) in enumerate(zip(kept, decomposition.units))
+    )
+    apply_factors(model, adapter, decomposition.layout, factors, ranks=[len(indices) for indices in kept])
     manifest = provenance(
         LOWRANK_STAGE,
         {
@@ -38,6 +50,8 @@ def run_lowrank_model(
             "decomposition_dir": str(decomposition_dir),
             "plan_path": str(plan_path),
             "beta": beta,
+            "dtype": str(dtype),
+            "device": str(device),
         },
     )
     manifest.update(

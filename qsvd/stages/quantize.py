@@ -22,7 +22,8 @@ from tqdm import tqdm
 from qsvd.artefacts import provenance
 from qsvd.math.beta import choose_beta, latent_singular_values, rebalance
 from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_per_token, quantize_rtn
-from qsvd.models.checkpoint import QUANTIZED_STAGE, QUANTIZED_WEIGHTS, ROTATIONS, open_checkpoint, save_checkpoint
+from qsvd.models.checkpoint import QUANTIZED_STAGE, ROTATIONS, open_checkpoint, save_checkpoint, stored_codes
+from qsvd.models.device import resolve_device
 from qsvd.models.quantized import Target, input_transforms, quantization_targets
 from qsvd.models.registry import attention_shape, decoder_layers, family_by_name
 from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents, rotate_vision_tower
@@ -72,16 +73,28 @@ class QuantSpec:
         return f"W{self.weight_bits or 16}A{self.act_bits or 16}{beta}" + ("" if self.rotate else " without rotations")
 
 
-def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: QuantSpec, out_dir: Path) -> Path:
-    """Rotate, quantize and save the model of `model_source`; `data_dir` (calibration) is needed for GPTQ."""
-    model, processor, base_manifest = open_checkpoint(model_source, family, torch.float32)
+def run_quantize(
+    model_source: str,
+    family: str,
+    data_dir: Path | None,
+    spec: QuantSpec,
+    out_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "cpu",
+) -> Path:
+    """Rotate, quantize and save the model of `model_source`; `data_dir` (calibration) is needed for GPTQ.
+
+    The model is held in `dtype` on `device`; rotations are folded in float64 and each weight is quantized in
+    float32, one at a time. The checkpoint stores the integer codes and scales, not dequantized weights."""
+    device = resolve_device(device)
+    model, processor, base_manifest = open_checkpoint(model_source, family, dtype, device)
     adapter = family_by_name(family)
     lowrank = bool(latent_modules(model, adapter))
     if spec.rotate_latent and not spec.rotate:
         raise ValueError("rotate_latent (H2) needs rotate (H1) in this implementation: set both or neither")
     set_beta = lowrank and (spec.weight_bits is not None or spec.act_bits is not None)
     if set_beta:
-        sigmas = [latent_singular_values(torch.cat([up.weight.detach() for up in ups]), base_manifest["beta"])
+        sigmas = [latent_singular_values(torch.cat([up.weight.detach().float() for up in ups]), base_manifest["beta"])
                   for _, ups in latent_modules(model, adapter)]
     rotations, latent_rotations = Rotations(), None
     if spec.rotate:
@@ -90,18 +103,19 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
             rotate_vision_tower(model, adapter, spec.seed, rotations)
         if spec.rotate_latent and lowrank:
             latent_rotations = rotate_latents(model, adapter, spec.seed, rotations)
+    model.to(device)  # the online rotations' stored matrices
     betas = {}
     if set_beta:
-        betas = _choose_betas(model, processor, adapter, data_dir, spec, sigmas, latent_rotations, base_manifest["beta"])
+        betas = _choose_betas(model, processor, adapter, data_dir, spec, sigmas, latent_rotations, base_manifest["beta"], device)
     targets = quantization_targets(model, adapter, vision=spec.vision and adapter.multimodal)
     transforms = {t.name: input_transforms(model, t) for t in targets}
-    codes: dict[str, torch.Tensor] = {}
+    codes: dict[str, torch.Tensor] = {}  # as stored: packed codes, scales and zeros of every quantized weight
     if spec.weight_bits is not None:
         gptq = spec.weight_method == "gptq"
         batches = hessian_batches(model, targets, int(spec.hessian_memory_gib * 2**30)) if gptq else [targets]
         progress = tqdm(total=len(targets), desc=f"quantize weights ({spec.weight_method}, {spec.weight_bits} bits)")
         for batch in batches:
-            hessians = _input_hessians(model, processor, adapter, batch, data_dir) if gptq else {}
+            hessians = _input_hessians(model, processor, adapter, batch, data_dir, device) if gptq else {}
             for target in batch:
                 codes |= _quantize_weight(model, target, spec, hessians.pop(target.name, None))
                 progress.update()
@@ -110,9 +124,10 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
         clip = spec.lm_clip if target.part == "lm" else spec.vision_clip
         for _, transform in transforms[target.name]:
             transform.set_quantization(spec.act_bits, clip)
-    layers = [_layer_record(target, transforms[target.name], spec) | betas.get(target.name, {}) for target in targets]
+    layers = [_layer_record(model, target, transforms[target.name], spec) | betas.get(target.name, {}) for target in targets]
     manifest = provenance(QUANTIZED_STAGE, {"model_source": str(model_source), "family": family,
-                                             "data_dir": None if data_dir is None else str(data_dir), **dataclasses.asdict(spec)}, spec.seed)
+                                             "data_dir": None if data_dir is None else str(data_dir), **dataclasses.asdict(spec),
+                                             "dtype": str(dtype), "device": str(device)}, spec.seed)
     manifest.update(
         family=family,
         quantization={
@@ -132,11 +147,11 @@ def run_quantize(model_source: str, family: str, data_dir: Path | None, spec: Qu
             manifest[key] = base_manifest[key]
     if betas:
         manifest["beta"] = "per layer (searched)" if spec.beta is None else spec.beta
-    return save_checkpoint(model, processor, out_dir, manifest,
-                           extra_tensors={ROTATIONS: rotations.matrices, QUANTIZED_WEIGHTS: codes})
+    return save_checkpoint(model, processor, out_dir, manifest, extra_tensors={ROTATIONS: rotations.matrices}, quantized_codes=codes)
 
 
-def _choose_betas(model, processor, family, data_dir: Path | None, spec: QuantSpec, sigmas, latent_rotations, beta: float) -> dict[str, dict]:
+def _choose_betas(model, processor, family, data_dir: Path | None, spec: QuantSpec, sigmas, latent_rotations, beta: float,
+                  device) -> dict[str, dict]:
     """Set every latent's β in place, rebalancing its factors: `spec.beta`, or where it is None the β of
     the grid with the smallest quantized output error on calibration inputs (RTN as the weight quantizer)."""
     units = latent_modules(model, family)
@@ -150,7 +165,7 @@ def _choose_betas(model, processor, family, data_dir: Path | None, spec: QuantSp
             inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
 
         targets = [Target(names[id(down)], "lm", "latent_down") for down, _ in units]
-        _calibration_pass(model, processor, family, data_dir, targets, record, "β search inputs")
+        _calibration_pass(model, processor, family, data_dir, targets, record, "β search inputs", device)
     fmt = spec.weight_format() if spec.weight_bits is not None else None
 
     def quantize_weight(weight):
@@ -161,14 +176,15 @@ def _choose_betas(model, processor, family, data_dir: Path | None, spec: QuantSp
 
     chosen = {}
     for index, (down, ups) in enumerate(tqdm(units, desc="per-layer β" if spec.beta is None else f"β = {spec.beta:g}")):
-        up = torch.cat([u.weight.detach() for u in ups])
-        rotation = None if latent_rotations is None else latent_rotations[index]
+        up = torch.cat([u.weight.detach().float() for u in ups])
+        rotation = None if latent_rotations is None else latent_rotations[index].to(up.device)
         record = {"beta": spec.beta}
         if spec.beta is None:
-            tokens = torch.cat(inputs.pop(names[id(down)]))[:BETA_SEARCH_TOKENS]
-            best, errors = choose_beta(tokens, down.weight.detach(), up, sigmas[index], beta, quantize_weight, quantize_activation, rotation)
+            tokens = torch.cat(inputs.pop(names[id(down)]))[:BETA_SEARCH_TOKENS].float()
+            best, errors = choose_beta(tokens, down.weight.detach().float(), up, sigmas[index], beta, quantize_weight,
+                                       quantize_activation, rotation)
             record = {"beta": best, "beta_errors": {f"{b:g}": e for b, e in errors.items()}}
-        new_down, new_up = rebalance(down.weight.detach(), up, sigmas[index], record["beta"] - beta, rotation)
+        new_down, new_up = rebalance(down.weight.detach().float(), up, sigmas[index], record["beta"] - beta, rotation)
         with torch.no_grad():
             down.weight.copy_(new_down.to(down.weight.dtype))
             for u, part_weight in zip(ups, new_up.split([u.out_features for u in ups])):
@@ -180,19 +196,17 @@ def _choose_betas(model, processor, family, data_dir: Path | None, spec: QuantSp
 def _quantize_weight(model, target: Target, spec: QuantSpec, hessian: torch.Tensor | None) -> dict[str, torch.Tensor]:
     module = model.get_submodule(target.name)
     fmt = spec.weight_format()
+    weight = module.weight.detach().float()  # one layer's float32 working copy
     if spec.weight_method == "gptq":
-        quantized = quantize_gptq(module.weight, hessian, fmt, spec.gptq_damping, act_order=spec.act_order)
+        quantized = quantize_gptq(weight, hessian, fmt, spec.gptq_damping, act_order=spec.act_order)
     else:
-        quantized = quantize_rtn(module.weight, fmt)
+        quantized = quantize_rtn(weight, fmt)
     with torch.no_grad():
         module.weight.copy_(quantized.dequantize(module.weight.dtype))
-    tensors = {f"{target.name}.codes": quantized.codes, f"{target.name}.scale": quantized.scale}
-    if quantized.zero is not None:
-        tensors[f"{target.name}.zero"] = quantized.zero
-    return tensors
+    return stored_codes(target.name, quantized, spec.weight_bits)
 
 
-def _calibration_pass(model, processor, family, data_dir: Path, targets: list[Target], record, what: str) -> None:
+def _calibration_pass(model, processor, family, data_dir: Path, targets: list[Target], record, what: str, device) -> None:
     """Run the calibration samples once, calling `record(name, x)` with the input of every target's matmul
     (after its online rotation); every target must be reached."""
     reached = set()
@@ -211,7 +225,9 @@ def _calibration_pass(model, processor, family, data_dir: Path, targets: list[Ta
             transform = module.down.latent_transform if target.kind == "latent_up" else module.input_transform
             handles.append(transform.register_forward_hook(hook(target.name)))
         with torch.no_grad():
-            for batch in tqdm(calibration_batches(processor, family, data_dir, with_answer=False), desc=what):
+            dtype = next(model.parameters()).dtype
+            batches = calibration_batches(processor, family, data_dir, with_answer=False, device=device, dtype=dtype)
+            for batch in tqdm(batches, desc=what):
                 model(**batch)
     finally:
         for handle in handles:
@@ -237,7 +253,7 @@ def hessian_batches(model, targets: list[Target], limit_bytes: int) -> list[list
     return batches
 
 
-def _input_hessians(model, processor, family, targets: list[Target], data_dir: Path | None) -> dict[str, torch.Tensor]:
+def _input_hessians(model, processor, family, targets: list[Target], data_dir: Path | None, device) -> dict[str, torch.Tensor]:
     """H = Σ xᵀx (float64) of every target's matmul input over the calibration samples (full-precision activations)."""
     if data_dir is None:
         raise ValueError("weight_method gptq needs calibration data (--data): the Hessians come from its inputs")
@@ -247,7 +263,7 @@ def _input_hessians(model, processor, family, targets: list[Target], data_dir: P
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         hessians[name] = hessians.get(name, 0) + flat.T @ flat
 
-    _calibration_pass(model, processor, family, data_dir, targets, record, "GPTQ Hessians")
+    _calibration_pass(model, processor, family, data_dir, targets, record, "GPTQ Hessians", device)
     return hessians
 
 
@@ -261,10 +277,14 @@ def _full_precision(family, spec: QuantSpec) -> list[str]:
     return kept
 
 
-def _layer_record(target: Target, transforms, spec: QuantSpec) -> dict:
-    """What is quantized at one layer: weight bits and format, each activation quantizer and rotation."""
+def _layer_record(model, target: Target, transforms, spec: QuantSpec) -> dict:
+    """What is quantized at one layer: weight bits and format (and how its codes are stored), each activation
+    quantizer and rotation."""
     record = {"name": target.name, "part": target.part, "kind": target.kind,
               "weight_bits": spec.weight_bits, "weight_method": spec.weight_method if spec.weight_bits else None}
+    if spec.weight_bits:
+        columns = model.get_submodule(target.name).weight.shape[1]
+        record.update(weight_columns=columns, weight_group_size=spec.group_size or columns)
     for role, transform in transforms:
         record[f"{role}_bits"] = transform.bits
         record[f"{role}_clip"] = transform.clip_ratio if transform.bits else None
@@ -280,7 +300,8 @@ def _byte_figures(model, family, codes: dict[str, torch.Tensor], spec: QuantSpec
     """Model bytes (integer codes + fp16 scales/zeros + everything else at fp16) and cache bytes per token
     (cached elements at activation bits + one fp16 scale per cached vector per token)."""
     quantized = {name[: -len(".codes")] for name in codes if name.endswith(".codes")}
-    code_bytes = sum(t.numel() * spec.weight_bits / 8 if name.endswith(".codes") else t.numel() * 2 for name, t in codes.items())
+    code_bytes = sum(model.get_submodule(name).weight.numel() * spec.weight_bits / 8 for name in quantized)
+    code_bytes += sum(t.numel() * 2 for name, t in codes.items() if not name.endswith(".codes"))
     other = sum(p.numel() for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized)
     shape = attention_shape(model)
     layers = len(decoder_layers(model, family))

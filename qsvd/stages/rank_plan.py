@@ -36,7 +36,7 @@ def run_rank_plan(
         tensors, _ = read_artefact(importance_dir)
         scores = [tensors[f"{u.name}.importance"] for u in units]
     else:
-        scores = [svd.sigma for svd in decomposition.svds]
+        scores = decomposition.sigmas
     allocate = allocate_by_importance if allocation == "importance" else allocate_uniform
     measure = budget_measure(decomposition.shapes, budget_kind, decomposition.layout)
     try:

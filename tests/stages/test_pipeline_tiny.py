@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from qsvd.artefacts import read_artefact, read_json
 from qsvd.data.records import Record, write_records
 from qsvd.methods import LAYOUTS, METHODS
-from qsvd.models.checkpoint import load_checkpoint
+from qsvd.models.checkpoint import TENSORS, load_checkpoint
 from qsvd.models.prompts import encode_prompt
 from qsvd.models.registry import decoder_layers, family_by_name, qkv_projections
 from qsvd.stages.activation_stats import run_activation_stats
@@ -140,7 +140,7 @@ def test_same_inputs_give_bit_identical_plans_and_factors(saved_tiny_model, data
         importance = run_importance(str(source), "smolvlm", decomposition, dataset, out / "importance")
         plan = run_rank_plan(decomposition, importance, "importance", "R1", 0.6, 1, out / "plan.json")
         checkpoint = run_lowrank_model(str(source), "smolvlm", decomposition, plan, 0.2, out / "model")
-        outputs.append((read_json(plan)["units"], load_file(checkpoint / "model.safetensors")))
+        outputs.append((read_json(plan)["units"], load_file(checkpoint / TENSORS)))
     (plan_a, weights_a), (plan_b, weights_b) = outputs
     assert plan_a == plan_b
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

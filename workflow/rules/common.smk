@@ -1,10 +1,13 @@
 import json
+import re
+import shlex
 from pathlib import Path
 
 from qsvd.config import ConfigError, load_config, looks_like_path
 from qsvd.methods import method_by_name
 from qsvd.models.hub import HubUnreachableError, check_hub_model
 from qsvd.stages import STAGE_VERSIONS
+from qsvd.resources import job_resources
 
 try:
     CFG = load_config(config)
@@ -16,7 +19,7 @@ except (ConfigError, HubUnreachableError) as error:
 REPO = Path(workflow.basedir).parent
 # Runs the package of this checkout, with or without `pip install -e .` (conda envs, SLURM jobs).
 # Deliberately not a param: the absolute checkout path would make moving the repo re-run everything.
-QSVD = f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} python -m qsvd.cli"
+QSVD = f"PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}} python -m qsvd.cli"
 MODEL = CFG.model.name
 RESULTS = f"results/{MODEL}"
 DATASETS = {d.key: d for d in (CFG.calibration, *CFG.evaluation.tasks)}
@@ -58,12 +61,12 @@ def dataset_args(wildcards):
     if wildcards.dataset not in DATASETS:
         raise WorkflowError(f"no dataset with key {wildcards.dataset!r} in the config")
     spec = DATASETS[wildcards.dataset]
-    args = f"--dataset {spec.dataset} --split {spec.split} --seed {spec.seed}"
+    args = ["--dataset", spec.dataset, "--split", spec.split, "--seed", str(spec.seed)]
     if spec.num_samples is not None:
-        args += f" --num-samples {spec.num_samples}"
+        args += ["--num-samples", str(spec.num_samples)]
     if spec.local_dir:
-        args += f" --local-dir {spec.local_dir}"
-    return args
+        args += ["--local-dir", spec.local_dir]
+    return shlex.join(args)
 
 
 def leaf(wildcards):
@@ -101,7 +104,7 @@ def eval_labels(method=None, budget=None):
             beta=CFG.factors.beta,
             alpha=CFG.svd.alpha,
         )
-    return json.dumps(labels, sort_keys=True)
+    return labels
 
 
 def quant_setting(wildcards):
@@ -120,10 +123,10 @@ def quant_spec(wildcards):
     return json.dumps(spec, sort_keys=True)
 
 
-def quantized_labels(wildcards, method=None, budget=None):
+def quantized_labels(quant, method=None, budget=None):
     """eval_labels of a quantized model: its format, rotation, β and seed (QuaRot when `method` is None)."""
-    setting = quant_setting(wildcards)
-    labels = json.loads(eval_labels(method, budget))
+    setting = QUANT_SETTINGS[quant]
+    labels = eval_labels(method, budget)
     labels.update(seed=setting.seed, quant_format=setting.fmt, rotate=setting.rotate, weight_method=QUANT.weight_method)
     if method is None:
         labels["method"] = "quarot"
@@ -131,24 +134,68 @@ def quantized_labels(wildcards, method=None, budget=None):
         labels["quant_beta"] = "per layer" if setting.beta is None else setting.beta
         if setting in QUANT.beta_ablation_settings():
             labels["ablation"] = "beta"
-    return json.dumps(labels, sort_keys=True)
+    return labels
+
+
+# Every compressed low-rank model, by its path below RESULTS: (method, budget).
+LEAF_PATHS = {f"{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}": leaf for (svd, rank), leaf in LEAVES.items()}
+# What the quantize rule starts from ({qbase}): every leaf, and the dense model for QuaRot.
+QUANT_BASES = {**LEAF_PATHS, **({"quarot": None} if QUANT.quarot else {})}
+# Every evaluated model (the {variant} of the evaluate rule) -> the labels its results carry. QuaRot has no latent:
+# the β ablation does not apply to it.
+VARIANTS = {"uncompressed": eval_labels()}
+VARIANTS |= {leaf: eval_labels(*method_budget) for leaf, method_budget in LEAF_PATHS.items()}
+VARIANTS |= {f"{leaf}/quant~{quant}": quantized_labels(quant, *method_budget)
+             for leaf, method_budget in LEAF_PATHS.items() for quant in QUANT_SETTINGS}
+if QUANT.quarot:
+    VARIANTS |= {f"quarot/quant~{quant}": quantized_labels(quant) for quant, setting in QUANT_SETTINGS.items()
+                 if setting.beta == QUANT.beta}
+
+
+def _exactly(names):
+    return "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+
+
+wildcard_constraints:
+    variant=_exactly(VARIANTS),
+    qbase=_exactly(QUANT_BASES),
+
+
+def variant_model_input(wildcards):
+    """The model directory the evaluated variant reads, as an input (a hub id or local source is not tracked)."""
+    if wildcards.variant == "uncompressed":
+        return {"model": model_source()} if CFG.model.is_built else {}
+    return {"model": f"{RESULTS}/{wildcards.variant}/model"}
+
+
+def variant_model_source(wildcards):
+    return model_source() if wildcards.variant == "uncompressed" else f"{RESULTS}/{wildcards.variant}/model"
+
+
+def variant_labels(wildcards):
+    return json.dumps(VARIANTS[wildcards.variant], sort_keys=True)
+
+
+def quantize_model_input(wildcards):
+    if wildcards.qbase == "quarot":
+        return {"model": model_source()} if CFG.model.is_built else {}
+    return {"model": f"{RESULTS}/{wildcards.qbase}/model"}
+
+
+def quantize_model_source(wildcards):
+    return model_source() if wildcards.qbase == "quarot" else f"{RESULTS}/{wildcards.qbase}/model"
 
 
 def evaluation_results():
-    tasks = [t.key for t in CFG.evaluation.tasks]
-    uncompressed = [f"{RESULTS}/uncompressed/eval/{t}.json" for t in tasks]
-    compressed = [
-        f"{RESULTS}/{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}/eval/{t}.json" for svd, rank in LEAVES for t in tasks
-    ]
-    quantized = [
-        f"{RESULTS}/{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}/quant~{quant}/eval/{t}.json"
-        for svd, rank in LEAVES for quant in QUANT_SETTINGS for t in tasks
-    ]
-    # QuaRot has no latent: the β ablation does not apply to it.
-    quarot = [f"{RESULTS}/quarot/quant~{quant}/eval/{t}.json" for quant, setting in QUANT_SETTINGS.items()
-              if setting.beta == QUANT.beta for t in tasks] if QUANT.quarot else []
-    return uncompressed + compressed + quantized + quarot
+    return [f"{RESULTS}/{variant}/eval/{task.key}.json" for variant in VARIANTS for task in CFG.evaluation.tasks]
 
 
 def report_outputs():
     return [f"{REPORT}/results.csv", f"{REPORT}/tables.md", f"{REPORT}/tradeoff.png"]
+
+
+# What every job of a stage asks for (qsvd.resources: sized from the model's config, no weights read); stages that
+# take --device also ask for a GPU unless compute.device is cpu, so a profile requests GPUs for exactly those jobs.
+RESOURCES = job_resources(CFG)
+DEVICE = CFG.compute.device
+DTYPE = CFG.model.dtype

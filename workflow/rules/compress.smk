@@ -7,20 +7,23 @@ rule activation_stats:
     params:
         model=model_source(),
         family=CFG.model.family,
-        dtype=CFG.model.dtype,
+        dtype=DTYPE,
+        device=DEVICE,
+        batch_size=CFG.compute.calibration_batch_size,
         version=STAGE_VERSIONS["activation_stats"],
     log:
         f"{RESULTS}/logs/{CALIB}/stats.log",
     benchmark:
         f"{RESULTS}/benchmarks/{CALIB}/stats.tsv"
-    threads: workflow.cores
+    threads: 8  # capped at --cores locally; cpus per task on a cluster
     resources:
-        mem_mb=16000,
+        **RESOURCES['activation_stats'],
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} stats --model {params.model} --family {params.family}"
-        " --data {input.data} --dtype {params.dtype} --out {output} 2> {log}"
+        "{QSVD} --threads {threads} stats --model {params.model:q} --family {params.family:q}"
+        " --data {input.data:q} --dtype {params.dtype:q} --device {params.device:q} --batch-size {params.batch_size}"
+        " --out {output:q} 2> {log:q}"
 
 
 rule input_gram:
@@ -32,20 +35,23 @@ rule input_gram:
     params:
         model=model_source(),
         family=CFG.model.family,
-        dtype=CFG.model.dtype,
+        dtype=DTYPE,
+        device=DEVICE,
+        batch_size=CFG.compute.calibration_batch_size,
         version=STAGE_VERSIONS["activation_stats"],
     log:
         f"{RESULTS}/logs/{CALIB}/gram.log",
     benchmark:
         f"{RESULTS}/benchmarks/{CALIB}/gram.tsv"
-    threads: workflow.cores
+    threads: 8  # capped at --cores locally; cpus per task on a cluster
     resources:
-        mem_mb=16000,
+        **RESOURCES['input_gram'],
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} stats --gram --model {params.model} --family {params.family}"
-        " --data {input.data} --dtype {params.dtype} --out {output} 2> {log}"
+        "{QSVD} --threads {threads} stats --gram --model {params.model:q} --family {params.family:q}"
+        " --data {input.data:q} --dtype {params.dtype:q} --device {params.device:q} --batch-size {params.batch_size}"
+        " --out {output:q} 2> {log:q}"
 
 
 rule decompose:
@@ -61,20 +67,23 @@ rule decompose:
         transform=lambda wildcards: CFG.svd.transform(decomposition_method(wildcards)),
         alpha=CFG.svd.alpha,
         damping=CFG.svd.damping,
+        dtype=DTYPE,
+        device=DEVICE,
         version=STAGE_VERSIONS["decompose"],
     log:
         f"{SVD}/logs/decompose.log",
     benchmark:
         f"{SVD}/benchmarks/decompose.tsv"
-    threads: workflow.cores
+    threads: 8  # capped at --cores locally; cpus per task on a cluster
     resources:
-        mem_mb=16000,
+        **RESOURCES['decompose'],
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} decompose --model {params.model} --family {params.family}"
-        " --stats {input.stats} --layout {params.layout} --transform {params.transform}"
-        " --alpha {params.alpha} --damping {params.damping} --out {output} 2> {log}"
+        "{QSVD} --threads {threads} decompose --model {params.model:q} --family {params.family:q}"
+        " --stats {input.stats:q} --layout {params.layout:q} --transform {params.transform:q}"
+        " --alpha {params.alpha} --damping {params.damping} --dtype {params.dtype:q} --device {params.device:q}"
+        " --out {output:q} 2> {log:q}"
 
 
 rule importance:
@@ -87,19 +96,22 @@ rule importance:
     params:
         model=model_source(),
         family=CFG.model.family,
+        dtype=DTYPE,
+        device=DEVICE,
         version=STAGE_VERSIONS["importance"],
     log:
         f"{SVD}/logs/importance.log",
     benchmark:
         f"{SVD}/benchmarks/importance.tsv"
-    threads: workflow.cores
+    threads: 8  # capped at --cores locally; cpus per task on a cluster
     resources:
-        mem_mb=16000,
+        **RESOURCES['importance'],
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} importance --model {params.model} --family {params.family}"
-        " --decomposition {input.decomposition} --data {input.data} --out {output} 2> {log}"
+        "{QSVD} --threads {threads} importance --model {params.model:q} --family {params.family:q}"
+        " --decomposition {input.decomposition:q} --data {input.data:q} --dtype {params.dtype:q}"
+        " --device {params.device:q} --out {output:q} 2> {log:q}"
 
 
 rule rank_plan:
@@ -111,7 +123,7 @@ rule rank_plan:
     output:
         f"{SVD}/rank~{{rank}}/plan.json",
     params:
-        importance=lambda wildcards, input: f"--importance {input.importance}" if input.importance else "",
+        importance=lambda wildcards, input: f"--importance {shlex.quote(str(input.importance))}" if input.importance else "",
         allocation=lambda wildcards: leaf(wildcards)[0].allocation,
         budget_kind=CFG.rank.budget_kind,
         budget=lambda wildcards: leaf(wildcards)[1],
@@ -127,9 +139,9 @@ rule rank_plan:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} rank-plan --decomposition {input.decomposition} {params.importance}"
-        " --allocation {params.allocation} --budget-kind {params.budget_kind} --budget {params.budget}"
-        " --r-min {params.r_min} --out {output} 2> {log}"
+        "{QSVD} rank-plan --decomposition {input.decomposition:q} {params.importance}"
+        " --allocation {params.allocation:q} --budget-kind {params.budget_kind:q} --budget {params.budget}"
+        " --r-min {params.r_min} --out {output:q} 2> {log:q}"
 
 
 rule lowrank_model:
@@ -143,17 +155,19 @@ rule lowrank_model:
         model=model_source(),
         family=CFG.model.family,
         beta=CFG.factors.beta,
+        dtype=DTYPE,
+        device=DEVICE,
         version=STAGE_VERSIONS["lowrank_model"],
     log:
         f"{SVD}/logs/rank~{{rank}}/{FACTORS}/lowrank_model.log",
     benchmark:
         f"{SVD}/benchmarks/rank~{{rank}}/{FACTORS}/lowrank_model.tsv"
-    threads: workflow.cores
+    threads: 8  # capped at --cores locally; cpus per task on a cluster
     resources:
-        mem_mb=16000,
+        **RESOURCES['lowrank_model'],
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} lowrank-model --model {params.model} --family {params.family}"
-        " --decomposition {input.decomposition} --plan {input.plan} --beta {params.beta}"
-        " --out {output} 2> {log}"
+        "{QSVD} --threads {threads} lowrank-model --model {params.model:q} --family {params.family:q}"
+        " --decomposition {input.decomposition:q} --plan {input.plan:q} --beta {params.beta}"
+        " --dtype {params.dtype:q} --device {params.device:q} --out {output:q} 2> {log:q}"

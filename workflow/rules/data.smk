@@ -14,4 +14,4 @@ rule materialise_dataset:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} data {params.args} --out {output} 2> {log}"
+        "{QSVD} data {params.args} --out {output:q} 2> {log:q}"

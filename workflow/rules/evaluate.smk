@@ -1,53 +1,32 @@
-rule evaluate_uncompressed:
+# One rule scores every model variant (uncompressed, each low-rank leaf, each quantized model, QuaRot) on
+# every evaluation set: the variant is the path of its model below results/<model>/ (common.smk, VARIANTS).
+
+
+rule evaluate:
     input:
-        model_input,
+        unpack(variant_model_input),
         data="results/data/{dataset}",
     output:
-        f"{RESULTS}/uncompressed/eval/{{dataset}}.json",
+        f"{RESULTS}/{{variant}}/eval/{{dataset}}.json",
     params:
-        model=model_source(),
+        model=variant_model_source,
         family=CFG.model.family,
-        dtype=CFG.model.dtype,
+        dtype=DTYPE,
+        device=DEVICE,
+        batch_size=CFG.compute.evaluation_batch_size,
         max_new_tokens=CFG.evaluation.max_new_tokens,
-        labels=eval_labels(),
+        labels=variant_labels,
         version=STAGE_VERSIONS["evaluate"],
     log:
-        f"{RESULTS}/logs/uncompressed/eval/{{dataset}}.log",
+        f"{RESULTS}/logs/{{variant}}/eval/{{dataset}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/uncompressed/eval/{{dataset}}.tsv"
-    threads: workflow.cores
+        f"{RESULTS}/benchmarks/{{variant}}/eval/{{dataset}}.tsv"
+    threads: 8  # capped at --cores locally; cpus per task on a cluster
     resources:
-        mem_mb=16000,
+        **RESOURCES["evaluate"],
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} evaluate --model {params.model} --family {params.family}"
-        " --data {input.data} --dtype {params.dtype} --max-new-tokens {params.max_new_tokens}"
-        " --labels '{params.labels}' --out {output} 2> {log}"
-
-
-rule evaluate_lowrank:
-    input:
-        model=rules.lowrank_model.output[0],
-        data="results/data/{dataset}",
-    output:
-        f"{SVD}/rank~{{rank}}/{FACTORS}/eval/{{dataset}}.json",
-    params:
-        family=CFG.model.family,
-        dtype=CFG.model.dtype,
-        max_new_tokens=CFG.evaluation.max_new_tokens,
-        labels=lambda wildcards: eval_labels(*leaf(wildcards)),
-        version=STAGE_VERSIONS["evaluate"],
-    log:
-        f"{SVD}/logs/rank~{{rank}}/{FACTORS}/eval/{{dataset}}.log",
-    benchmark:
-        f"{SVD}/benchmarks/rank~{{rank}}/{FACTORS}/eval/{{dataset}}.tsv"
-    threads: workflow.cores
-    resources:
-        mem_mb=16000,
-    conda:
-        "../../envs/qsvd.yaml"
-    shell:
-        "{QSVD} --threads {threads} evaluate --model {input.model} --family {params.family}"
-        " --data {input.data} --dtype {params.dtype} --max-new-tokens {params.max_new_tokens}"
-        " --labels '{params.labels}' --out {output} 2> {log}"
+        "{QSVD} --threads {threads} evaluate --model {params.model:q} --family {params.family:q}"
+        " --data {input.data:q} --dtype {params.dtype:q} --device {params.device:q} --batch-size {params.batch_size}"
+        " --max-new-tokens {params.max_new_tokens} --labels {params.labels:q} --out {output:q} 2> {log:q}"

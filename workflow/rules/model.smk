@@ -21,7 +21,7 @@ if CFG.model.source == "demo":
             "../../envs/qsvd.yaml"
         shell:
             "{QSVD} --threads {threads} demo-model --seed {params.seed}"
-            " --max-minutes {params.max_minutes} --recipe '{params.recipe}' --out {output} 2> {log}"
+            " --max-minutes {params.max_minutes} --recipe {params.recipe:q} --out {output:q} 2> {log:q}"
 
 
 if CFG.model.source == "smollm2":
@@ -35,13 +35,13 @@ if CFG.model.source == "smollm2":
             f"{RESULTS}/logs/smollm2_model.log",
         benchmark:
             f"{RESULTS}/benchmarks/smollm2_model.tsv"
-        threads: workflow.cores
+        threads: 8  # capped at --cores locally; cpus per task on a cluster
         resources:
             mem_mb=4000,
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} export-smollm2 --out {output} 2> {log}"
+            "{QSVD} --threads {threads} export-smollm2 --out {output:q} 2> {log:q}"
 
 
 if CFG.model.source == "smolvlm-offline":
@@ -56,13 +56,13 @@ if CFG.model.source == "smolvlm-offline":
             f"{RESULTS}/logs/smolvlm_offline_language_model.log",
         benchmark:
             f"{RESULTS}/benchmarks/smolvlm_offline_language_model.tsv"
-        threads: workflow.cores
+        threads: 8  # capped at --cores locally; cpus per task on a cluster
         resources:
             mem_mb=4000,
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} export-smollm2 --out {output} 2> {log}"
+            "{QSVD} --threads {threads} export-smollm2 --out {output:q} 2> {log:q}"
 
     rule smolvlm_offline_model:
         input:
@@ -84,5 +84,5 @@ if CFG.model.source == "smolvlm-offline":
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} smolvlm-offline-model --language-model {input.language_model}"
-            " --seed {params.seed} --max-minutes {params.max_minutes} --recipe '{params.recipe}' --out {output} 2> {log}"
+            "{QSVD} --threads {threads} smolvlm-offline-model --language-model {input.language_model:q}"
+            " --seed {params.seed} --max-minutes {params.max_minutes} --recipe {params.recipe:q} --out {output:q} 2> {log:q}"

@@ -17,5 +17,5 @@ rule report:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} report --csv {output.csv} --markdown {output.markdown} --plot {output.plot}"
-        " {input} 2> {log}"
+        "{QSVD} report --csv {output.csv:q} --markdown {output.markdown:q} --plot {output.plot:q}"
+        " {input:q} 2> {log:q}"
