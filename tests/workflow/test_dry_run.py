@@ -25,39 +25,57 @@ def _config(tmp_path, **overrides):
     return path
 
 
-QUANTIZED_LOWRANK = ("quantize_lowrank", "evaluate_quantized_lowrank")  # config/test.yaml quantizes every leaf
-QUAROT = ("quantize_dense", "evaluate_quarot")  # and the dense model, calibrated on the calibration set
+# One evaluate and one quantize rule serve every model variant; a job is named by its rule and, for those two,
+# by the kind of model its output path says it is (uncompressed, low-rank, quantized low-rank, QuaRot).
+QUANTIZED_LOWRANK = ("quantize:lowrank", "evaluate:quantized")  # config/test.yaml quantizes every leaf
+QUAROT = ("quantize:quarot", "evaluate:quarot")  # and the dense model, calibrated on the calibration set
 
 
 def _dry_run(workdir, configfile):
-    out = snakemake(workdir, "--configfile", str(configfile), "--dry-run", "--cores", "1", "--quiet", "rules")
+    out = snakemake(workdir, "--configfile", str(configfile), "--dry-run", "--cores", "1")
     assert out.returncode == 0, out.stderr + out.stdout
     return out.stdout + out.stderr
 
 
+def _kind(output: str) -> str:
+    if "/quarot/" in output:
+        return "quarot"
+    if "/quant~" in output:
+        return "quantized" if "/eval/" in output else "lowrank"
+    return "uncompressed" if "/uncompressed/" in output else "lowrank"
+
+
 def _rules(output: str) -> set[str]:
-    names = {"materialise_dataset", "demo_model", "activation_stats", "input_gram", "decompose", "importance",
-             "rank_plan", "lowrank_model", "evaluate_uncompressed", "evaluate_lowrank", "report",
-             "quantize_lowrank", "quantize_dense", "evaluate_quantized_lowrank", "evaluate_quarot"}
-    return {line.split()[0] for line in output.splitlines() if line.split() and line.split()[0] in names}
+    """The rules (evaluate and quantize by model kind) of every job a dry run lists."""
+    jobs, rule = set(), None
+    for line in output.splitlines():
+        words = line.split()
+        if line.startswith("rule ") and line.rstrip().endswith(":"):
+            rule = words[1].rstrip(":")
+            if rule not in ("evaluate", "quantize", "all"):
+                jobs.add(rule)
+        elif rule in ("evaluate", "quantize") and words and words[0] == "output:":
+            jobs.add(f"{rule}:{_kind(words[1])}")
+            rule = None
+    return jobs
 
 
 def test_changing_only_the_budget_reruns_plan_onwards(finished_workdir, tmp_path):
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     budgets = config["rank"]["budgets"] + [0.3]
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"rank.budgets": budgets})))
-    assert rules == {"rank_plan", "lowrank_model", "evaluate_lowrank", *QUANTIZED_LOWRANK, "report"}
+    assert rules == {"rank_plan", "lowrank_model", "evaluate:lowrank", *QUANTIZED_LOWRANK, "report"}
 
 
 def test_changing_only_beta_reruns_lowrank_model_onwards(finished_workdir, tmp_path):
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"factors.beta": 0.7})))
-    assert rules == {"lowrank_model", "evaluate_lowrank", *QUANTIZED_LOWRANK, "report"}
+    assert rules == {"lowrank_model", "evaluate:lowrank", *QUANTIZED_LOWRANK, "report"}
 
 
 def test_changing_calibration_size_reruns_statistics_onwards(finished_workdir, tmp_path):
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"calibration.num_samples": 5})))
     assert rules == {"materialise_dataset", "activation_stats", "input_gram", "decompose", "importance",
-                     "rank_plan", "lowrank_model", "evaluate_lowrank", *QUANTIZED_LOWRANK, *QUAROT, "report"}
+                     "rank_plan", "lowrank_model", "evaluate:lowrank", *QUANTIZED_LOWRANK, *QUAROT, "report"}
 
 
 def test_unchanged_config_has_nothing_to_do(finished_workdir, tmp_path):
@@ -67,7 +85,7 @@ def test_unchanged_config_has_nothing_to_do(finished_workdir, tmp_path):
 def test_adding_a_method_reuses_what_it_shares(finished_workdir, tmp_path):
     """joint-uniform shares qsvd's decomposition: only its plans, models and scores are new."""
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, methods=["qsvd", "svd-llm", "joint-uniform"])))
-    assert rules == {"rank_plan", "lowrank_model", "evaluate_lowrank", *QUANTIZED_LOWRANK, "report"}
+    assert rules == {"rank_plan", "lowrank_model", "evaluate:lowrank", *QUANTIZED_LOWRANK, "report"}
 
 
 def test_changing_only_bit_widths_reruns_quantization_onwards(finished_workdir, tmp_path):

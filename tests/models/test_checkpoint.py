@@ -1,0 +1,91 @@
+"""The model door: lean checkpoints (changed tensors + base reference) round-trip, export standalone, reload on meta."""
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from qsvd.artefacts import read_json
+from qsvd.models.base import BaseModelMismatch
+from qsvd.models.checkpoint import QUANTIZED_WEIGHTS, TENSORS, export_checkpoint, load_checkpoint
+from qsvd.models.registry import family_by_name
+from qsvd.stages.quantize import QuantSpec, run_quantize
+from tests.stages.test_pipeline_tiny import dataset  # noqa: F401  (fixture)
+from tests.stages.test_quantize import _logits, _lowrank_checkpoint
+
+pytestmark = pytest.mark.unit
+
+
+def _bytes(path):
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+
+
+def test_lean_lowrank_checkpoint_stores_only_the_factors_and_reloads_with_the_same_logits(
+    tiny_model, dataset, tmp_path, images  # noqa: F811
+):
+    model, processor = tiny_model("llava")
+    family = family_by_name("llava")
+    expected_model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    lowrank = _lowrank_checkpoint("llava", model, processor, dataset, tmp_path)
+    manifest = read_json(lowrank / "manifest.json")
+    stored = load_file(str(lowrank / TENSORS))
+    assert all(".language_model.layers." in name and ".self_attn." in name for name in stored), sorted(stored)[:5]
+    ranks = {unit["rank"] for unit in manifest["units"]}
+    assert all(t.shape[-1] in ranks or name.endswith("qkv_down.weight") for name, t in stored.items() if t.dim() == 2)
+    assert _bytes(lowrank) < 0.5 * expected_model_bytes
+    assert manifest["base"]["source"] == str(tmp_path / "model")
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["base"]["files"].values())
+
+    reloaded, _, _ = load_checkpoint(lowrank)
+    standalone = export_checkpoint(lowrank, tmp_path / "standalone")
+    assert "base" not in read_json(standalone / "manifest.json")
+    exported, _, _ = load_checkpoint(standalone)
+    torch.testing.assert_close(_logits(exported, processor, family, images[0]), _logits(reloaded, processor, family, images[0]),
+                               rtol=0, atol=0)
+    assert _bytes(standalone) > _bytes(lowrank)
+
+
+def test_standalone_reload_builds_no_full_model_with_random_weights(tiny_model, dataset, tmp_path, monkeypatch):  # noqa: F811
+    model, processor = tiny_model("llama", kv_heads=2)
+    standalone = export_checkpoint(_lowrank_checkpoint("llama", model, processor, dataset, tmp_path), tmp_path / "standalone")
+    built = []
+    original = transformers.LlamaForCausalLM.post_init
+
+    def spy(self):
+        built.append({p.device.type for p in self.parameters()})
+        return original(self)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "post_init", spy)
+    load_checkpoint(standalone)
+    assert built == [{"meta"}]  # the skeleton's parameters were never allocated, let alone initialised
+
+
+def test_a_changed_base_model_is_refused_with_the_fix(tiny_model, dataset, tmp_path):  # noqa: F811
+    model, processor = tiny_model("llama", kv_heads=2)
+    lowrank = _lowrank_checkpoint("llama", model, processor, dataset, tmp_path)
+    weights = next((tmp_path / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(BaseModelMismatch, match="base model's weight files changed.*forcerun"):
+        load_checkpoint(lowrank)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_checkpoint_stores_integer_codes_not_weights_and_reloads_identically(
+    tiny_model, dataset, tmp_path, images, bits  # noqa: F811
+):
+    model, processor = tiny_model("llava")
+    family = family_by_name("llava")
+    lowrank = _lowrank_checkpoint("llava", model, processor, dataset, tmp_path)
+    out = run_quantize(str(lowrank), "llava", dataset, QuantSpec(weight_bits=bits, act_bits=8), tmp_path / "quantized")
+    manifest = read_json(out / "manifest.json")
+    stored, codes = load_file(str(out / TENSORS)), load_file(str(out / QUANTIZED_WEIGHTS))
+    quantized = [layer for layer in manifest["quantization"]["layers"] if layer["weight_bits"]]
+    assert quantized and not any(f"{layer['name']}.weight" in stored for layer in quantized)
+    for layer in quantized:
+        packed = codes[f"{layer['name']}.codes"]
+        expected_columns = (layer["weight_columns"] + 1) // 2 if bits == 4 else layer["weight_columns"]
+        assert packed.dtype == (torch.uint8 if bits == 4 else torch.int8) and packed.shape[1] == expected_columns
+    first, _, _ = load_checkpoint(out)
+    standalone, _, _ = load_checkpoint(export_checkpoint(out, tmp_path / "standalone"))
+    expected = _logits(first, processor, family, images[0])
+    torch.testing.assert_close(_logits(standalone, processor, family, images[0]), expected, rtol=0, atol=0)
