@@ -57,7 +57,7 @@ def quantization_targets(model: nn.Module, family: ModelFamily, vision: bool) ->
     targets = []
     for root, part_name in roots:
         module = part(model, root, family)
-        for name, child in [("", module), *module.named_modules()][1 if root != family.projector else 0 :]:
+        for name, child in module.named_modules():  # the root first: SmolVLM's projector is itself a Linear
             kind = "latent_down" if isinstance(child, SharedDownProjection) else "latent_up" if isinstance(child, LatentUpProjection) else (
                 "linear" if isinstance(child, nn.Linear) else None
             )

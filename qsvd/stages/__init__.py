@@ -13,8 +13,8 @@ STAGE_VERSIONS = {
     "decompose": 2,
     "importance": 2,
     "rank_plan": 2,
-    "lowrank_model": 2,
-    "quantize": 3,
+    "lowrank_model": 3,
+    "quantize": 4,
     "evaluate": 1,
     "report": 1,
 }

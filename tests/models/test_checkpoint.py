@@ -89,3 +89,15 @@ def test_quantized_checkpoint_stores_integer_codes_not_weights_and_reloads_ident
     standalone, _, _ = load_checkpoint(export_checkpoint(out, tmp_path / "standalone"))
     expected = _logits(first, processor, family, images[0])
     torch.testing.assert_close(_logits(standalone, processor, family, images[0]), expected, rtol=0, atol=0)
+
+
+def test_every_family_has_each_quantization_target_once(tiny):
+    """SmolVLM's projector is itself a Linear: it used to be listed (and quantized) twice."""
+    from qsvd.models.quantized import quantization_targets
+
+    name, model, _ = tiny
+    family = family_by_name(name)
+    targets = quantization_targets(model, family, vision=family.multimodal)
+    assert len(targets) == len({t.name for t in targets})
+    if family.multimodal:
+        assert family.projector_output in {t.name for t in targets}
