@@ -37,6 +37,23 @@ def _export_smollm2(a):
     run_export_smollm2(a.out)
 
 
+def _random_model(a):
+    from qsvd.sources.random_model import build_random_model
+
+    build_random_model(a.architecture, a.out, num_layers=a.layers, dtype=a.dtype, seed=a.seed, vision_layers=a.vision_layers)
+
+
+def _bench_stages(a):
+    from qsvd.bench_stages import bench_stages
+
+    summary = bench_stages(a.architecture, a.layers, a.out, a.threads or torch.get_num_threads(), dtype=a.dtype,
+                           device=a.device, calibration=a.calibration_samples, evaluation=a.evaluation_questions,
+                           budget=a.budget, quant_format=a.format)
+    from qsvd.bench_stages import markdown_table
+
+    print(markdown_table(summary))
+
+
 def _stats(a):
     from qsvd.stages.activation_stats import run_activation_stats
 
@@ -137,6 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="{}", help="JSON overrides of the training recipe")
     p.add_argument("--out", type=Path, required=True)
 
+    p = stage("random-model", _random_model,
+              "a model of a paper architecture (shipped config) with random weights, optionally cut to fewer layers")
+    p.add_argument("--architecture", required=True, help="llava-1.5-7b, llava-next-7b or smolvlm-instruct")
+    p.add_argument("--layers", type=int, default=None, help="keep the first N language-model decoder layers")
+    p.add_argument("--vision-layers", type=int, default=None, help="keep the first N vision encoder layers")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("bench-stages", _bench_stages,
+              "time and peak memory of every stage on a random-weight paper architecture at several depths")
+    p.add_argument("--architecture", default="llava-1.5-7b")
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder-layer depths to measure")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--evaluation-questions", type=int, default=8)
+    p.add_argument("--budget", type=float, default=0.6, help="R1 of the low-rank model")
+    p.add_argument("--format", default="W4A4", help="the quantized format, W<bits>A<bits>")
+    p.add_argument("--out", type=Path, required=True)
+
     p = stage("stats", _stats, "activation statistics of the LM attention inputs")
     model_args(p)
     p.add_argument("--data", type=Path, required=True)
@@ -209,6 +247,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.func(args)
+    _record_cuda_peak()
+
+
+def _record_cuda_peak() -> None:
+    """For `qsvd bench-stages`: the stage's peak allocated CUDA memory, written where its environment asks."""
+    import os
+
+    from qsvd.bench_stages import PEAK_FILE_ENV
+
+    if os.environ.get(PEAK_FILE_ENV) and torch.cuda.is_available() and torch.cuda.is_initialized():
+        Path(os.environ[PEAK_FILE_ENV]).write_text(json.dumps({"max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20}))
 
 
 if __name__ == "__main__":

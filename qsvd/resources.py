@@ -66,7 +66,7 @@ def stage_resources(stage: str, size: ModelSize, gpu: bool, gram: bool = False) 
     model = size.model_bytes
     layer = 8 * 4 * size.largest_linear  # one decoder weight's float64 working copies (weight, factors, products)
     qkv_svd = 8 * (2 * size.qkv_out * size.hidden_size + size.hidden_size**2)  # float64 W·T, U and V of one layer
-    host_model = 0 if gpu else model  # on a GPU the model lives in device memory; the host holds one layer at a time
+    host_model = model // 4 if gpu else model  # on a GPU the model lives in device memory; the host stages some of it
     billions = size.parameters / 1e9
     memory = {
         "activation_stats": host_model + layer + (8 * size.layers * size.hidden_size**2 if gram else 0),
@@ -102,22 +102,31 @@ BUILT_SOURCE_SIZE = ModelSize(parameters=140_000_000, layers=30, hidden_size=576
 GPU_STAGES = ("activation_stats", "decompose", "importance", "lowrank_model", "quantize", "evaluate")
 
 
-def source_size(source: str, dtype: torch.dtype, built: bool) -> ModelSize:
-    """The size of the configured model, from its config only."""
-    if built:
+def source_size(config) -> ModelSize:
+    """The size of the model a run (qsvd.config.QsvdConfig) configures, from its config only."""
+    from qsvd.models.device import dtype_by_name
+
+    dtype = dtype_by_name(config.model.dtype)
+    if config.model.source == "random":
+        from qsvd.sources.random_model import architecture_config
+
+        random = config.random_model
+        return size_from_config(architecture_config(random.architecture, random.layers, random.vision_layers), dtype)
+    if config.model.is_built:
         return BUILT_SOURCE_SIZE
     import transformers
 
-    return size_from_config(transformers.AutoConfig.from_pretrained(source), dtype)
+    return size_from_config(transformers.AutoConfig.from_pretrained(config.model.source), dtype)
 
 
 def job_resources(config) -> dict[str, dict[str, int]]:
     """stage -> the resources of its jobs for the run `config` (a qsvd.config.QsvdConfig); "input_gram" is the
     statistics stage with XᵀX."""
-    from qsvd.models.device import dtype_by_name
-
-    size = source_size(config.model.source, dtype_by_name(config.model.dtype), config.model.is_built)
+    size = source_size(config)
     gpu = config.compute.uses_gpu
     stages = {stage: (stage, False) for stage in GPU_STAGES} | {"input_gram": ("activation_stats", True)}
-    return {name: stage_resources(stage, size, gpu, gram) | ({"gpu": 1} if gpu else {})
-            for name, (stage, gram) in stages.items()}
+    resources = {name: stage_resources(stage, size, gpu, gram) | ({"gpu": 1} if gpu else {})
+                 for name, (stage, gram) in stages.items()}
+    resources["random_model"] = {"mem_mb": RUNTIME_OVERHEAD_MB + int(1.3 * size.model_bytes) // 2**20,
+                                 "disk_mb": 100 + int(1.2 * size.model_bytes) // 2**20}
+    return resources

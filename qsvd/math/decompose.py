@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qsvd.math.svd import thin_svd
+
 SCALING_STATISTICS = ("abs_mean", "abs_max")
 DEAD_CHANNEL_EPS = 1e-6
 
@@ -81,10 +83,10 @@ def _right_inverse_transpose(matrix: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def scaled_svd(weight: torch.Tensor, scale: torch.Tensor) -> ScaledSVD:
-    """Thin SVD of W·T in float64 (float64 keeps exact reconstruction cheap at these sizes)."""
-    w = _right_transform(weight.to(torch.float64), scale.to(torch.float64))
-    u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
-    return ScaledSVD(u=u, sigma=sigma, v=vh.T.contiguous(), scale=scale.to(torch.float64))
+    """Thin SVD of W·T in float64, the cheapest exact way for its shape and device (`qsvd.math.svd.thin_svd`)."""
+    scale = scale.to(device=weight.device, dtype=torch.float64)
+    u, sigma, v = thin_svd(_right_transform(weight.to(torch.float64), scale))
+    return ScaledSVD(u=u, sigma=sigma, v=v.contiguous(), scale=scale)
 
 
 def joint_factors(

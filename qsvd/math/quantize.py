@@ -41,37 +41,71 @@ class QuantizedWeight:
     group_size: int  # columns per scale (the full width for per-row)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        scale = self.scale.repeat_interleave(self.group_size, dim=1)[:, : self.codes.shape[1]]
+        rows, columns = self.codes.shape
         values = self.codes.to(torch.float32)
+        if columns != self.scale.shape[1] * self.group_size:  # a shorter last group
+            scale = self.scale.repeat_interleave(self.group_size, dim=1)[:, :columns]
+            if self.zero is not None:
+                values = values - self.zero.repeat_interleave(self.group_size, dim=1)[:, :columns]
+            return (values * scale).to(dtype)
+        values = values.view(rows, -1, self.group_size)
         if self.zero is not None:
-            values = values - self.zero.repeat_interleave(self.group_size, dim=1)[:, : self.codes.shape[1]]
-        return (values * scale).to(dtype)
+            values = values - self.zero[:, :, None]
+        return (values * self.scale[:, :, None]).view(rows, columns).to(dtype)
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def _grid(block: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero) of each row of `block` after shrinking its range by `shrink` (one per row)."""
+SEARCH_CHUNK_ELEMENTS = 1 << 20  # trials × rows × columns evaluated at once by the clipping search on CPU
+SEARCH_CHUNK_ELEMENTS_ACCELERATOR = 1 << 27  # the same on CUDA and other accelerators
+
+
+def _range(block: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """What the grid of each row is fitted to: max |w| (symmetric), or (max(w, 0), min(w, 0))."""
+    if symmetric:
+        return (block.abs().amax(dim=-1),)
+    return block.amax(dim=-1).clamp_min(0), block.amin(dim=-1).clamp_max(0)
+
+
+def _grid(spread: tuple[torch.Tensor, ...], bits: int, symmetric: bool, shrink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero) of each row after shrinking its range by `shrink` (broadcast against the rows:
+    (rows,) or (trials, 1) or (trials, rows) give (rows,) or (trials, rows))."""
     low, high = code_range(bits, symmetric)
     if symmetric:
-        scale = block.abs().amax(dim=1) * shrink / high
+        (peak,) = spread
+        scale = peak * shrink / high
         return scale.clamp_min(torch.finfo(torch.float32).tiny), None
-    top = block.amax(dim=1).clamp_min(0) * shrink
-    bottom = block.amin(dim=1).clamp_max(0) * shrink
+    top, bottom = spread[0] * shrink, spread[1] * shrink
     scale = ((top - bottom) / (high - low)).clamp_min(torch.finfo(torch.float32).tiny)
     return scale, torch.round(-bottom / scale)
 
 
 def _codes(block: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool) -> torch.Tensor:
+    """Codes of `block` (…, columns) with one scale (and zero) per row (…)."""
     low, high = code_range(bits, symmetric)
-    shifted = block / scale[:, None] + (0 if zero is None else zero[:, None])
+    shifted = block / scale[..., None] + (0 if zero is None else zero[..., None])
     return torch.clamp(torch.round(shifted), low, high)
 
 
 def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    return (codes - (0 if zero is None else zero[:, None])) * scale[:, None]
+    return (codes - (0 if zero is None else zero[..., None])) * scale[..., None]
+
+
+def _trial_errors(block: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool) -> torch.Tensor:
+    """Σ_columns |Q(w) − w|^2.4 of every row of `block` (rows, columns) on every trial grid (trials, rows):
+    the arithmetic of `_codes` and `_dequantized`, in place on one (trials, rows, columns) buffer."""
+    low, high = code_range(bits, symmetric)
+    values = block.unsqueeze(0)
+    error = values / scale.unsqueeze(-1)
+    if zero is not None:
+        error.add_(zero.unsqueeze(-1))
+    error.round_().clamp_(low, high)
+    if zero is not None:
+        error.sub_(zero.unsqueeze(-1))
+    error.mul_(scale.unsqueeze(-1)).sub_(values).abs_().pow_(CLIP_NORM)
+    return error.sum(dim=-1).nan_to_num_(nan=float("inf"))  # a NaN trial never wins, as `<` would have it
 
 
 def fit_grid(
@@ -80,44 +114,48 @@ def fit_grid(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row scale (and zero): the full range, or the shrink p = 1 − k/steps ∈ [1 − max_shrink, 1] minimising
     Σ|Q(w) − w|^2.4: every `coarse`-th k first, then each row's neighbours of its best k (a third of the
-    trials of the full grid; the |·|^2.4 of every trial is most of the cost)."""
+    trials of the full grid; the |·|^2.4 of every trial is most of the cost). Ties go to the earlier trial
+    (the smaller k first, then the neighbours in the order −coarse+1 … coarse−1).
+
+    All trials of a chunk of rows are evaluated at once; chunks bound the memory (SEARCH_CHUNK_ELEMENTS)."""
     block = block.to(torch.float32)
-    ones = torch.ones(block.shape[0], dtype=torch.float32, device=block.device)
-    scale, zero = _grid(block, bits, symmetric, ones)
+    rows, columns = block.shape
+    spread = _range(block, symmetric)
     if not clip_search:
-        return scale, zero
+        return _grid(spread, bits, symmetric, torch.ones(rows, dtype=torch.float32, device=block.device))
     last = int(max_shrink * steps)
-    best = torch.full_like(ones, float("inf"))
-    best_step = torch.zeros_like(ones)
-
-    def trial(step: torch.Tensor) -> None:
-        nonlocal scale, zero, best, best_step
-        trial_scale, trial_zero = _grid(block, bits, symmetric, 1 - step / steps)
-        error = (_dequantized(_codes(block, trial_scale, trial_zero, bits, symmetric), trial_scale, trial_zero) - block)
-        error = error.abs().pow(CLIP_NORM).sum(dim=1)
-        better = error < best
-        best = torch.where(better, error, best)
-        best_step = torch.where(better, step, best_step)
-        scale = torch.where(better, trial_scale, scale)
-        if zero is not None:
-            zero = torch.where(better, trial_zero, zero)
-
-    for step in range(0, last + 1, coarse):
-        trial(ones * step)
-    centre = best_step.clone()
-    for offset in range(1 - coarse, coarse):
-        if offset:
-            trial((centre + offset).clamp(0, last))
-    return scale, zero
+    coarse_steps = torch.arange(0, last + 1, coarse, dtype=torch.float32, device=block.device)[:, None]
+    offsets = torch.tensor([o for o in range(1 - coarse, coarse) if o], dtype=torch.float32, device=block.device)[:, None]
+    budget = SEARCH_CHUNK_ELEMENTS if block.device.type == "cpu" else SEARCH_CHUNK_ELEMENTS_ACCELERATOR
+    chunk = max(1, budget // (len(coarse_steps) * max(columns, 1)))
+    best_step = torch.empty(rows, dtype=torch.float32, device=block.device)
+    for start in range(0, rows, chunk):
+        part, part_spread = block[start : start + chunk], tuple(s[start : start + chunk] for s in spread)
+        errors = _trial_errors(part, *_grid(part_spread, bits, symmetric, 1 - coarse_steps / steps), bits, symmetric)
+        coarse_error, coarse_index = errors.min(dim=0)  # the first of equal errors
+        centre = coarse_steps[coarse_index, 0]
+        neighbours = (centre[None, :] + offsets).clamp(0, last)
+        errors = _trial_errors(part, *_grid(part_spread, bits, symmetric, 1 - neighbours / steps), bits, symmetric)
+        fine_error, fine_index = errors.min(dim=0)
+        best_step[start : start + chunk] = torch.where(fine_error < coarse_error, neighbours.gather(0, fine_index[None])[0], centre)
+    return _grid(spread, bits, symmetric, 1 - best_step / steps)
 
 
 def _group_grids(weight: torch.Tensor, fmt: WeightFormat) -> tuple[int, torch.Tensor, torch.Tensor | None]:
-    """(group size, scales (rows, groups), zeros or None) fitted on `weight`."""
-    columns = weight.shape[1]
+    """(group size, scales (rows, groups), zeros or None) fitted on `weight`; every whole group of every
+    row is one row of a single search, a shorter last group a second one."""
+    rows, columns = weight.shape
     group = columns if fmt.group_size is None else min(fmt.group_size, columns)
-    grids = [fit_grid(weight[:, start : start + group], fmt.bits, fmt.symmetric, fmt.clip_search) for start in range(0, columns, group)]
-    scale = torch.stack([s for s, _ in grids], dim=1)
-    zero = None if fmt.symmetric else torch.stack([z for _, z in grids], dim=1)
+    whole = columns // group
+    grids = []
+    if whole:
+        scale, zero = fit_grid(weight[:, : whole * group].reshape(rows * whole, group), fmt.bits, fmt.symmetric, fmt.clip_search)
+        grids.append((scale.view(rows, whole), None if zero is None else zero.view(rows, whole)))
+    if columns % group:
+        scale, zero = fit_grid(weight[:, whole * group :], fmt.bits, fmt.symmetric, fmt.clip_search)
+        grids.append((scale[:, None], None if zero is None else zero[:, None]))
+    scale = torch.cat([s for s, _ in grids], dim=1)
+    zero = None if fmt.symmetric else torch.cat([z for _, z in grids], dim=1)
     return group, scale, zero
 
 
@@ -125,16 +163,28 @@ def _code_dtype(fmt: WeightFormat) -> torch.dtype:
     return torch.int8 if fmt.symmetric else torch.uint8
 
 
+def _grouped(weight: torch.Tensor, group: int) -> list[tuple[slice, torch.Tensor]]:
+    """(columns, view (rows, groups, group)) for the whole groups, then (columns, (rows, 1, rest)) for a shorter last one."""
+    rows, columns = weight.shape
+    whole = columns // group
+    parts = [(slice(0, whole * group), weight[:, : whole * group].reshape(rows, whole, group))] if whole else []
+    if columns % group:
+        parts.append((slice(whole * group, columns), weight[:, whole * group :][:, None, :]))
+    return parts
+
+
 def quantize_rtn(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     """Round-to-nearest on the grid of each row (or group), after the optional clipping search."""
     weight = weight.detach().to(torch.float32)
     group, scale, zero = _group_grids(weight, fmt)
-    codes = torch.empty_like(weight)
-    for g, start in enumerate(range(0, weight.shape[1], group)):
-        codes[:, start : start + group] = _codes(
-            weight[:, start : start + group], scale[:, g], None if zero is None else zero[:, g], fmt.bits, fmt.symmetric
-        )
-    return QuantizedWeight(codes.to(_code_dtype(fmt)), scale, zero, group)
+    codes = torch.empty(weight.shape, dtype=_code_dtype(fmt), device=weight.device)
+    first = 0
+    for columns, part in _grouped(weight, group):
+        groups = slice(first, first + part.shape[1])
+        part_codes = _codes(part, scale[:, groups], None if zero is None else zero[:, groups], fmt.bits, fmt.symmetric)
+        codes[:, columns] = part_codes.flatten(1).to(codes.dtype)
+        first += part.shape[1]
+    return QuantizedWeight(codes, scale, zero, group)
 
 
 def quantize_gptq(
@@ -147,33 +197,37 @@ def quantize_gptq(
     act-order permutes only the processing order, never the group layout.
     """
     weight = weight.detach().to(torch.float64).clone()
+    device = weight.device
     rows, columns = weight.shape
     if hessian.shape != (columns, columns):
         raise ValueError(f"the Hessian is {tuple(hessian.shape)}, the weight has {columns} input columns")
-    hessian = hessian.detach().to(torch.float64).clone()
+    hessian = hessian.detach().to(device=device, dtype=torch.float64).clone()
     dead = torch.diagonal(hessian) == 0
     hessian[dead, dead] = 1
     weight[:, dead] = 0
     group, scale, zero = _group_grids(weight.to(torch.float32), fmt)
     scale64, zero64 = scale.to(torch.float64), None if zero is None else zero.to(torch.float64)
-    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(columns)
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(columns, device=device)
     weight, hessian = weight[:, order], hessian[order][:, order]
-    hessian += damping * torch.diagonal(hessian).mean() * torch.eye(columns, dtype=torch.float64)
+    hessian += damping * torch.diagonal(hessian).mean() * torch.eye(columns, dtype=torch.float64, device=device)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    codes = torch.zeros_like(weight)
+    pending = weight.T.contiguous()  # row i is weight column i (in processing order): contiguous updates
+    codes = torch.empty_like(pending)
+    column_group = order // group
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
-        errors = torch.zeros(rows, stop - start, dtype=torch.float64)
+        block_scale = scale64.T[column_group[start:stop]]  # (block, rows): the grid of each column
+        block_zero = None if zero64 is None else zero64.T[column_group[start:stop]]
+        errors = torch.empty(stop - start, rows, dtype=torch.float64, device=device)
         for i in range(start, stop):
-            g = int(order[i]) // group
-            column_zero = None if zero64 is None else zero64[:, g]
-            code = _codes(weight[:, i : i + 1], scale64[:, g], column_zero, fmt.bits, fmt.symmetric)[:, 0]
-            codes[:, i] = code
-            error = (weight[:, i] - _dequantized(code[:, None], scale64[:, g], column_zero)[:, 0]) / upper[i, i]
-            weight[:, i:stop] -= error[:, None] * upper[i, i:stop][None, :]
-            errors[:, i - start] = error
-        weight[:, stop:] -= errors @ upper[start:stop, stop:]
-    codes = codes[:, torch.argsort(order)]
+            column_zero = None if block_zero is None else block_zero[i - start]
+            code = _codes(pending[i, :, None], block_scale[i - start], column_zero, fmt.bits, fmt.symmetric)[:, 0]
+            codes[i] = code
+            error = (pending[i] - _dequantized(code[:, None], block_scale[i - start], column_zero)[:, 0]) / upper[i, i]
+            pending[i:stop] -= upper[i, i:stop][:, None] * error[None, :]
+            errors[i - start] = error
+        pending[stop:] -= (errors.T @ upper[start:stop, stop:]).T
+    codes = codes.T[:, torch.argsort(order)]
     return QuantizedWeight(codes.to(_code_dtype(fmt)), scale, zero, group)
 
 

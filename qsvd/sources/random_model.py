@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,12 +31,12 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
 
 from qsvd.artefacts import MANIFEST, atomic_directory, provenance, write_json
+from qsvd.models.device import DTYPES
 from qsvd.models.registry import family_of_class
 
 log = logging.getLogger(__name__)
 
 STAGE = "random_model"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ARCHITECTURE_FILES = resources.files("qsvd.sources") / "architectures"
 ARCHITECTURES: tuple[str, ...] = tuple(
     sorted(f.name.removesuffix(".json") for f in _ARCHITECTURE_FILES.iterdir() if f.name.endswith(".json"))
@@ -45,7 +46,7 @@ NOTE = ("random weights: this model has the architecture and widths of {source},
 # Words the word-level stand-in tokenizer knows (lower-cased): the chat templates' words and the questions'
 # common words. Every other id up to the vocabulary size is an <unused_N> filler.
 WORDS = (
-    "user assistant system question answer image picture photo : ? . , ! ' \" ( ) - the a an of and or is are "
+    "user assistant system question answer image picture photo : ? . , ! ' \" ( ) - < > the a an of and or is are "
     "was were be in on at to from with by for this that these those there here it its what which who whom whose "
     "where when why how many much does do did can could would should will not no yes color colour shape size "
     "number count red blue green yellow black white gray grey brown orange purple pink teal circle square "
@@ -179,10 +180,16 @@ def random_weights_model(
     model = _skeleton(config, model_class, dtype)
     model.to_empty(device="cpu")
     std = config.get_text_config().initializer_range
-    for name, param in model.named_parameters():
-        if param.dim() >= 2:  # linear and convolution weights, embedding tables
-            _fill_uniform_(param, std, _parameter_generator(seed, name))
-            param._is_hf_initialized = True  # transformers' initialisation below leaves it as it is
+    matrices = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]  # linear, conv, embedding
+
+    def fill(item: tuple[str, nn.Parameter]) -> None:
+        name, param = item
+        _fill_uniform_(param, std, _parameter_generator(seed, name))
+        param._is_hf_initialized = True  # transformers' initialisation below leaves it as it is
+
+    # One generator per parameter: the threads (the random draws release the GIL) cannot change the values.
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+        list(pool.map(fill, matrices))
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             module.weight.data[module.padding_idx].zero_()  # as torch and transformers initialise embeddings
@@ -193,12 +200,13 @@ def random_weights_model(
     return model.eval()
 
 
-def build_tokenizer(spec: Mapping[str, Any], vocab_size: int, chat_template: str) -> transformers.PreTrainedTokenizerFast:
+def build_tokenizer(
+    spec: Mapping[str, Any], vocab_size: int, chat_template: str
+) -> transformers.PreTrainedTokenizerFast:
     """A word-level tokenizer with exactly `vocab_size` tokens: the special tokens at their ids, then `WORDS`, then
     <unused_N> fillers. Lower-cased words, punctuation split off; unknown words map to the unk token."""
     specials: dict[str, int] = dict(spec["special_tokens"])
-    bad = {token: i for token, i in specials.items() if not 0 <= i < vocab_size}
-    if bad or len(set(specials.values())) != len(specials):
+    if any(not 0 <= i < vocab_size for i in specials.values()) or len(set(specials.values())) != len(specials):
         raise ValueError(f"tokenizer special_tokens must have distinct ids below vocab_size {vocab_size}: {specials}")
     by_id = {i: token for token, i in specials.items()}
     words = iter(w for w in dict.fromkeys(WORDS) if w not in specials)
@@ -246,8 +254,9 @@ def build_processor(arch: Architecture, config: transformers.PretrainedConfig) -
     image_spec = spec["image_processor"]
     image_processor = getattr(transformers, image_spec["class"])(**image_spec["settings"])
     processor_class = getattr(transformers, spec["class"])
-    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=spec["chat_template"],
-                           **settings)
+    return processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=spec["chat_template"], **settings
+    )
 
 
 def build_random_model(

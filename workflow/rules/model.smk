@@ -86,3 +86,30 @@ if CFG.model.source == "smolvlm-offline":
         shell:
             "{QSVD} --threads {threads} smolvlm-offline-model --language-model {input.language_model:q}"
             " --seed {params.seed} --max-minutes {params.max_minutes} --recipe {params.recipe:q} --out {output:q} 2> {log:q}"
+
+
+if CFG.model.source == "random":
+
+    rule random_model:
+        output:
+            directory(f"{RESULTS}/model"),
+        params:
+            architecture=CFG.random_model.architecture,
+            layers=f"--layers {CFG.random_model.layers}" if CFG.random_model.layers else "",
+            vision_layers=f"--vision-layers {CFG.random_model.vision_layers}" if CFG.random_model.vision_layers else "",
+            seed=CFG.random_model.seed,
+            dtype=DTYPE,
+            version=STAGE_VERSIONS["random_model"],
+        log:
+            f"{RESULTS}/logs/random_model.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/random_model.tsv"
+        threads: 8  # capped at --cores locally; cpus per task on a cluster
+        resources:
+            mem_mb=RESOURCES["random_model"]["mem_mb"],
+            disk_mb=RESOURCES["random_model"]["disk_mb"],
+        conda:
+            "../../envs/qsvd.yaml"
+        shell:
+            "{QSVD} --threads {threads} random-model --architecture {params.architecture:q} {params.layers}"
+            " {params.vision_layers} --seed {params.seed} --dtype {params.dtype:q} --out {output:q} 2> {log:q}"

@@ -6,9 +6,10 @@ and its jobstep plugin make (see their __init__.py, submit_string.py, job_status
 accounts.py, partitions.py, utils.py). Put the folder first on PATH and point
 QSVD_SLURM_STANDIN_DIR at an empty directory, which holds the cluster's state:
 
-    sbatch.jsonl   one line per sbatch call: {"jobid", "argv", "cwd", "error"}; jobid is null
-                   and error says why when the submission was rejected
-    srun.jsonl     one line per srun call: {"jobid", "argv", "error"}
+    sbatch.jsonl   one line per sbatch call: {"jobid", "argv", "cwd", "error", "options"}: the full
+                   command line and, when accepted, each option's value ({long name: last value,
+                   "" for a flag}); when rejected, jobid is null and error says why
+    srun.jsonl     one line per srun call: {"jobid", "argv", "error", "options", "command"}
     jobs/<id>.json one record per job: name, comment, account, partition, cpus, gpus, state, exit code
 
 sbatch checks its options like the real one (unknown options, malformed values, unknown
@@ -111,7 +112,7 @@ def default_partition() -> str:
     return next(name for name, spec in PARTITIONS.items() if spec["default"])
 
 
-def parse_options(command: str, argv: list[str], options: dict[str, tuple[str | None, str]],
+def parse_options(argv: list[str], options: dict[str, tuple[str | None, str]],
                   stop_at_positional: bool) -> tuple[dict[str, list[str]], list[str]]:
     """getopt_long-style parsing: `--name=value`, `--name value`, `-Xvalue`, `-X value`, `-abc`.
 
