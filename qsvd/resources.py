@@ -32,6 +32,20 @@ class ModelSize:
         return self.parameters * self.bytes_per_parameter
 
 
+def runs_within(sizes: list[int], limit_bytes: int) -> list[list[int]]:
+    """Indices of `sizes`, in order, cut into runs whose sizes add up to at most `limit_bytes` (an item larger
+    than that alone): the passes of a stage that may hold only so much at once."""
+    runs: list[list[int]] = []
+    used = limit_bytes
+    for index, size in enumerate(sizes):
+        if used + size > limit_bytes:
+            runs.append([])
+            used = 0
+        runs[-1].append(index)
+        used += size
+    return runs
+
+
 def model_size(model: nn.Module, bytes_per_parameter: int) -> ModelSize:
     """The size of an instantiated (possibly meta-device) model."""
     config = model.config.get_text_config()

@@ -20,6 +20,7 @@ from qsvd.models.checkpoint import open_model
 from qsvd.models.device import resolve_device
 from qsvd.models.registry import decoder_layers, family_by_name
 from qsvd.models.surgery import group_projections
+from qsvd.resources import runs_within
 from qsvd.stages.calibration import calibration_batches, count_records
 from qsvd.stages.decompose import Decomposition, read_decomposition
 
@@ -27,17 +28,11 @@ from qsvd.stages.decompose import Decomposition, read_decomposition
 def unit_passes(decomposition: Decomposition, limit_bytes: int) -> list[list[int]]:
     """Unit indices cut into runs whose float64 U and V fit in `limit_bytes` (a larger unit alone): each run is one
     pass over the calibration samples, so that only its factors are held at once."""
-    passes: list[list[int]] = []
-    used = limit_bytes
-    for index, unit in enumerate(decomposition.units):
+    sizes = []
+    for unit in decomposition.units:
         rows, columns = unit.shape.out(unit.group), unit.shape.hidden_size
-        size = 8 * (rows + columns) * min(rows, columns)
-        if used + size > limit_bytes:
-            passes.append([])
-            used = 0
-        passes[-1].append(index)
-        used += size
-    return passes
+        sizes.append(8 * (rows + columns) * min(rows, columns))
+    return runs_within(sizes, limit_bytes)
 
 
 def run_importance(

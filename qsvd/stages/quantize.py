@@ -24,6 +24,7 @@ from qsvd.math.beta import choose_beta, latent_singular_values, rebalance
 from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_per_token, quantize_rtn
 from qsvd.models.checkpoint import QUANTIZED_STAGE, ROTATIONS, open_checkpoint, save_checkpoint, stored_codes
 from qsvd.models.device import resolve_device
+from qsvd.resources import runs_within
 from qsvd.models.quantized import Target, input_transforms, quantization_targets
 from qsvd.models.registry import attention_shape, decoder_layers, family_by_name
 from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents, rotate_vision_tower
@@ -241,16 +242,8 @@ def hessian_batches(model, targets: list[Target], limit_bytes: int) -> list[list
     """`targets` in order, cut into runs whose float64 Hessians (in_features² × 8 bytes each) fit in
     `limit_bytes` (a target larger than that alone). Each run is one calibration pass: it sees the
     weights of the runs before it already quantized, as in layer-by-layer GPTQ."""
-    batches: list[list[Target]] = []
-    used = limit_bytes
-    for target in targets:
-        size = 8 * model.get_submodule(target.name).weight.shape[1] ** 2
-        if used + size > limit_bytes:
-            batches.append([])
-            used = 0
-        batches[-1].append(target)
-        used += size
-    return batches
+    sizes = [8 * model.get_submodule(target.name).weight.shape[1] ** 2 for target in targets]
+    return [[targets[i] for i in run] for run in runs_within(sizes, limit_bytes)]
 
 
 def _input_hessians(model, processor, family, targets: list[Target], data_dir: Path | None, device) -> dict[str, torch.Tensor]:

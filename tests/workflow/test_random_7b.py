@@ -1,0 +1,36 @@
+"""The whole DAG at LLaVA-1.5-7B's width: random weights, 2 of 32 decoder layers (config/llava-1.5-7b-random.yaml)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qsvd.artefacts import read_json
+from tests.workflow.conftest import REPO, snakemake
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+
+
+def _bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def test_the_7b_wide_dag_runs_in_bfloat16_with_lean_leaves(tmp_path):
+    out = snakemake(tmp_path, "--configfile", str(REPO / "config" / "llava-1.5-7b-random.yaml"), "--cores", "2")
+    assert out.returncode == 0, out.stderr[-5000:]
+    results = tmp_path / "results" / "llava-1.5-7b-random"
+    base = results / "model"
+    assert read_json(base / "manifest.json")["weights"] == "random"
+    leaves = [p.parent for p in results.glob("calib~*/svd~*/rank~*/factors~*/model/manifest.json")]
+    quantized = [p.parent for p in results.glob("calib~*/svd~*/rank~*/factors~*/quant~*/model/manifest.json")]
+    assert len(leaves) == 1 and len(quantized) == 1
+    for checkpoint in (*leaves, *quantized):
+        manifest = read_json(checkpoint / "manifest.json")
+        assert manifest["dtype"] == "bfloat16" and manifest["base"]["source"].endswith("llava-1.5-7b-random/model")
+    # Goal at R1 = 0.6: a low-rank leaf holds at most 0.2x the base model's bytes (it holds ~0.05x at 2 layers).
+    assert _bytes(leaves[0]) <= 0.2 * _bytes(base)
+    # A W4A4 leaf holds the bf16 embeddings and lm_head, which at 2 of 32 layers dominate: at most half the base here.
+    assert _bytes(quantized[0]) <= 0.5 * _bytes(base)
+    scores = [json.loads(p.read_text()) for p in results.glob("**/eval/*.json")]
+    assert len(scores) == 3 and all(s["num_samples"] == 4 for s in scores)
+    assert (results / "report" / "tables.md").is_file()
