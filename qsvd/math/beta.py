@@ -25,12 +25,19 @@ def latent_singular_values(up: torch.Tensor, beta: float) -> torch.Tensor:
 def rebalance(down: torch.Tensor, up: torch.Tensor, sigma: torch.Tensor, delta: float,
               rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B', A') = (M B, A M⁻¹), M = Rᵀ diag(σ^Δ) R (R = I when None): β → β + Δ, same product A B."""
-    scale = sigma.to(torch.float64).pow(delta)
+    return _rebalanced(down.to(torch.float64), up.to(torch.float64), sigma.to(torch.float64), delta,
+                       None if rotation is None else rotation.to(torch.float64))
+
+
+def _rebalanced(down: torch.Tensor, up: torch.Tensor, sigma: torch.Tensor, delta: float,
+                rotation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rebalance` on float64 factors. Rᵀ diag(s) is formed as Rᵀ·s by columns: the same numbers as the
+    matmul with the diagonal matrix (one nonzero term per entry), without its n³ multiply-adds."""
+    scale = sigma.pow(delta)
     if rotation is None:
-        return down.to(torch.float64) * scale[:, None], up.to(torch.float64) / scale[None, :]
-    r = rotation.to(torch.float64)
-    mix, unmix = r.T @ torch.diag(scale) @ r, r.T @ torch.diag(1.0 / scale) @ r
-    return mix @ down.to(torch.float64), up.to(torch.float64) @ unmix
+        return down * scale[:, None], up / scale[None, :]
+    mix, unmix = (rotation.T * scale[None, :]) @ rotation, (rotation.T * (1.0 / scale)[None, :]) @ rotation
+    return mix @ down, up @ unmix
 
 
 def choose_beta(
@@ -47,16 +54,20 @@ def choose_beta(
     """(the β of `grid` with the smallest quantized output error, every β's error), for factors built with `beta`.
 
     `inputs` (tokens, in) are what the down-projection reads; `quantize_weight` and `quantize_activation`
-    return dequantized tensors (simulated quantization).
+    return dequantized tensors (simulated quantization). Everything runs on the device of `inputs`.
     """
     x = inputs.to(torch.float32)
-    reference = (x @ down.to(torch.float32).T) @ up.to(torch.float32).T
+    device = x.device
+    reference = (x @ down.to(device=device, dtype=torch.float32).T) @ up.to(device=device, dtype=torch.float32).T
     quantized_x = quantize_activation(x)
+    down64, up64 = down.to(device=device, dtype=torch.float64), up.to(device=device, dtype=torch.float64)
+    sigma64 = sigma.to(device=device, dtype=torch.float64)
+    rotation64 = None if rotation is None else rotation.to(device=device, dtype=torch.float64)
     errors = {}
     for candidate in grid:
-        new_down, new_up = rebalance(down, up, sigma, candidate - beta, rotation)
+        new_down, new_up = _rebalanced(down64, up64, sigma64, candidate - beta, rotation64)
         latent = quantize_activation(quantized_x @ quantize_weight(new_down.float()).T)
         output = latent @ quantize_weight(new_up.float()).T
-        errors[candidate] = float((output - reference).pow(2).sum())
+        errors[candidate] = float(output.sub_(reference).pow_(2).sum())
     best = min(grid, key=lambda b: (errors[b], abs(b - beta)))
     return best, errors

@@ -134,33 +134,13 @@ def fit_grid(
         errors = _trial_errors(part, *_grid(part_spread, bits, symmetric, 1 - coarse_steps / steps), bits, symmetric)
         coarse_error, coarse_index = errors.min(dim=0)  # the first of equal errors
         centre = coarse_steps[coarse_index, 0]
-        neighbours = (centre[None, :] + offsets).clamp(0, last)
-        errors = _trial_errors(part, *_grid(part_spread, bits, symmetric, 1 - neighbours / steps), bits, symmetric)
-        fine_error, fine_index = errors.min(dim=0)
-        best_step[start : start + chunk] = torch.where(fine_error < coarse_error, neighbours.gather(0, fine_index[None])[0], centre)
+        best_step[start : start + chunk] = centre
+        if len(offsets):
+            neighbours = (centre[None, :] + offsets).clamp(0, last)
+            errors = _trial_errors(part, *_grid(part_spread, bits, symmetric, 1 - neighbours / steps), bits, symmetric)
+            fine_error, fine_index = errors.min(dim=0)
+            best_step[start : start + chunk] = torch.where(fine_error < coarse_error, neighbours.gather(0, fine_index[None])[0], centre)
     return _grid(spread, bits, symmetric, 1 - best_step / steps)
-
-
-def _group_grids(weight: torch.Tensor, fmt: WeightFormat) -> tuple[int, torch.Tensor, torch.Tensor | None]:
-    """(group size, scales (rows, groups), zeros or None) fitted on `weight`; every whole group of every
-    row is one row of a single search, a shorter last group a second one."""
-    rows, columns = weight.shape
-    group = columns if fmt.group_size is None else min(fmt.group_size, columns)
-    whole = columns // group
-    grids = []
-    if whole:
-        scale, zero = fit_grid(weight[:, : whole * group].reshape(rows * whole, group), fmt.bits, fmt.symmetric, fmt.clip_search)
-        grids.append((scale.view(rows, whole), None if zero is None else zero.view(rows, whole)))
-    if columns % group:
-        scale, zero = fit_grid(weight[:, whole * group :], fmt.bits, fmt.symmetric, fmt.clip_search)
-        grids.append((scale[:, None], None if zero is None else zero[:, None]))
-    scale = torch.cat([s for s, _ in grids], dim=1)
-    zero = None if fmt.symmetric else torch.cat([z for _, z in grids], dim=1)
-    return group, scale, zero
-
-
-def _code_dtype(fmt: WeightFormat) -> torch.dtype:
-    return torch.int8 if fmt.symmetric else torch.uint8
 
 
 def _grouped(weight: torch.Tensor, group: int) -> list[tuple[slice, torch.Tensor]]:
@@ -171,6 +151,23 @@ def _grouped(weight: torch.Tensor, group: int) -> list[tuple[slice, torch.Tensor
     if columns % group:
         parts.append((slice(whole * group, columns), weight[:, whole * group :][:, None, :]))
     return parts
+
+
+def _group_grids(weight: torch.Tensor, fmt: WeightFormat) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """(group size, scales (rows, groups), zeros or None) fitted on `weight`: all whole groups of all rows
+    in one search (each (row, group) a row of it), a shorter last group in a second one."""
+    rows, columns = weight.shape
+    group = columns if fmt.group_size is None else min(fmt.group_size, columns)
+    scales, zeros = [], []
+    for _, part in _grouped(weight, group):
+        scale, zero = fit_grid(part.reshape(-1, part.shape[2]), fmt.bits, fmt.symmetric, fmt.clip_search)
+        scales.append(scale.view(rows, part.shape[1]))
+        zeros.append(None if zero is None else zero.view(rows, part.shape[1]))
+    return group, torch.cat(scales, dim=1), None if fmt.symmetric else torch.cat(zeros, dim=1)
+
+
+def _code_dtype(fmt: WeightFormat) -> torch.dtype:
+    return torch.int8 if fmt.symmetric else torch.uint8
 
 
 def quantize_rtn(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
@@ -207,8 +204,10 @@ def quantize_gptq(
     weight[:, dead] = 0
     group, scale, zero = _group_grids(weight.to(torch.float32), fmt)
     scale64, zero64 = scale.to(torch.float64), None if zero is None else zero.to(torch.float64)
-    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(columns, device=device)
-    weight, hessian = weight[:, order], hessian[order][:, order]
+    order = torch.arange(columns, device=device)
+    if act_order:
+        order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+        weight, hessian = weight[:, order], hessian[order][:, order]
     hessian += damping * torch.diagonal(hessian).mean() * torch.eye(columns, dtype=torch.float64, device=device)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
     pending = weight.T.contiguous()  # row i is weight column i (in processing order): contiguous updates
@@ -226,8 +225,8 @@ def quantize_gptq(
             error = (pending[i] - _dequantized(code[:, None], block_scale[i - start], column_zero)[:, 0]) / upper[i, i]
             pending[i:stop] -= upper[i, i:stop][:, None] * error[None, :]
             errors[i - start] = error
-        pending[stop:] -= (errors.T @ upper[start:stop, stop:]).T
-    codes = codes.T[:, torch.argsort(order)]
+        pending[stop:].addmm_(upper[start:stop, stop:].T, errors, alpha=-1)
+    codes = codes.T[:, torch.argsort(order)] if act_order else codes.T
     return QuantizedWeight(codes.to(_code_dtype(fmt)), scale, zero, group)
 
 
@@ -237,4 +236,6 @@ def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> t
         raise ValueError(f"activation clip ratio must be in (0, 1], got {clip_ratio}")
     low, high = code_range(bits, symmetric=True)
     scale = (x.abs().amax(dim=-1, keepdim=True) * clip_ratio / high).clamp_min(torch.finfo(x.dtype).tiny)
-    return torch.clamp(torch.round(x / scale), low, high) * scale
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.clamp(torch.round(x / scale), low, high) * scale
+    return (x / scale).round_().clamp_(low, high).mul_(scale)  # the same numbers in one buffer

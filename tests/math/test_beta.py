@@ -48,3 +48,25 @@ def test_search_returns_the_smallest_error_of_the_grid_and_reads_sigma_only_belo
     assert max(exact_errors.values()) < 1e-6 * (inputs @ down.float().T @ up.float().T).pow(2).sum()
     with pytest.raises(ValueError, match="β < 1"):
         latent_singular_values(up, 1.0)
+
+
+def test_rebalancing_gives_the_numbers_of_the_diagonal_matrix_formula():
+    """Rᵀ·s by columns is Rᵀ @ diag(s) exactly, so M B and A M⁻¹ are bit for bit those of the written formula."""
+    down, up, sigma = _factors(beta=0.2)
+    rotation = random_orthogonal(12, seed=1)
+    scale = sigma.pow(0.3)
+    new_down, new_up = rebalance(down, up, sigma, 0.3, rotation)
+    assert torch.equal(new_down, (rotation.T @ torch.diag(scale) @ rotation) @ down)
+    assert torch.equal(new_up, up @ (rotation.T @ torch.diag(1.0 / scale) @ rotation))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_search_runs_on_the_device_of_the_inputs():
+    down, up, sigma = _factors(beta=0.2)
+    inputs = torch.randn(256, 24, generator=torch.Generator().manual_seed(2))
+    fmt = WeightFormat(bits=3)
+    rotation = random_orthogonal(12, seed=1)
+    best, errors = choose_beta(inputs.cuda(), down, up, sigma, 0.2, lambda w: quantize_rtn(w, fmt).dequantize(),
+                               lambda x: quantize_per_token(x, 4), rotation)
+    assert best in BETA_GRID and errors[best] == min(errors.values())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import qsvd.math.quantize as quantize_module
 from qsvd.math.quantize import (
     CLIP_NORM,
     WeightFormat,
@@ -12,6 +13,8 @@ from qsvd.math.quantize import (
     quantize_per_token,
     quantize_rtn,
 )
+
+pytestmark = pytest.mark.unit
 
 
 def _sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -133,3 +136,136 @@ def test_weight_format_rejects_out_of_range_values():
         WeightFormat(bits=16)
     with pytest.raises(ValueError, match="group_size"):
         WeightFormat(bits=4, group_size=0)
+
+
+def _sequential_search(block, bits, symmetric, steps=100, max_shrink=0.8, coarse=4):
+    """The clipping search one trial at a time over whole rows (the brute-force oracle of `fit_grid`)."""
+    low, high = code_range(bits, symmetric)
+    tiny = torch.finfo(torch.float32).tiny
+
+    def grid(shrink):
+        if symmetric:
+            return (block.abs().amax(dim=1) * shrink / high).clamp_min(tiny), None
+        top, bottom = block.amax(dim=1).clamp_min(0) * shrink, block.amin(dim=1).clamp_max(0) * shrink
+        scale = ((top - bottom) / (high - low)).clamp_min(tiny)
+        return scale, torch.round(-bottom / scale)
+
+    def error(scale, zero):
+        shift = 0 if zero is None else zero[:, None]
+        codes = torch.clamp(torch.round(block / scale[:, None] + shift), low, high)
+        return ((codes - shift) * scale[:, None] - block).abs().pow(CLIP_NORM).sum(dim=1)
+
+    ones = torch.ones(block.shape[0])
+    scale, zero = grid(ones)
+    best, best_step = torch.full_like(ones, float("inf")), torch.zeros_like(ones)
+    last = int(max_shrink * steps)
+
+    def trial(step):
+        nonlocal scale, zero, best, best_step
+        trial_scale, trial_zero = grid(1 - step / steps)
+        trial_error = error(trial_scale, trial_zero)
+        better = trial_error < best
+        best, best_step = torch.where(better, trial_error, best), torch.where(better, step, best_step)
+        scale = torch.where(better, trial_scale, scale)
+        zero = None if zero is None else torch.where(better, trial_zero, zero)
+
+    for step in range(0, last + 1, coarse):
+        trial(ones * step)
+    centre = best_step.clone()
+    for offset in range(1 - coarse, coarse):
+        if offset:
+            trial((centre + offset).clamp(0, last))
+    return scale, zero
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("chunk", [1 << 12, 1 << 20], ids=["many-chunks", "one-chunk"])
+def test_vectorised_clip_search_picks_what_the_sequential_search_picks(symmetric, chunk, monkeypatch):
+    """Bit for bit, chunk boundaries, ties (an all-zero row: the first trial) and outliers included."""
+    monkeypatch.setattr(quantize_module, "SEARCH_CHUNK_ELEMENTS", chunk)
+    generator = torch.Generator().manual_seed(3)
+    block = torch.randn(61, 97, generator=generator) * torch.rand(97, generator=generator).pow(3)
+    block[5] = 0
+    block[7, 3] *= 40
+    block[9] = block[9].abs()  # an all-positive row: the asymmetric range starts at 0
+    scale, zero = fit_grid(block, 3, symmetric, True)
+    expected_scale, expected_zero = _sequential_search(block, 3, symmetric)
+    assert torch.equal(scale, expected_scale)
+    assert (zero is None and expected_zero is None) or torch.equal(zero, expected_zero)
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(bits=4, group_size=32), WeightFormat(bits=3, symmetric=False, group_size=32)])
+def test_groups_and_a_shorter_last_group_are_fitted_like_separate_blocks(fmt):
+    weight = _weight(columns=130)  # four groups of 32 and one of 2
+    quantized = quantize_rtn(weight, fmt)
+    assert quantized.scale.shape == (64, 5) and quantized.group_size == 32
+    for g, start in enumerate(range(0, 130, 32)):
+        block = weight[:, start : start + 32]
+        scale, zero = fit_grid(block, fmt.bits, fmt.symmetric, fmt.clip_search)
+        assert torch.equal(quantized.scale[:, g], scale)
+        shift = 0 if zero is None else zero[:, None]
+        low, high = code_range(fmt.bits, fmt.symmetric)
+        codes = torch.clamp(torch.round(block / scale[:, None] + shift), low, high)
+        assert torch.equal(quantized.codes[:, start : start + 32].float(), codes)
+        expected = (codes - shift) * scale[:, None]
+        assert torch.equal(quantized.dequantize()[:, start : start + 32], expected)
+
+
+def test_bfloat16_weights_are_quantized_in_float32():
+    weight = _weight().to(torch.bfloat16)
+    quantized, reference = quantize_rtn(weight, WeightFormat(bits=4)), quantize_rtn(weight.float(), WeightFormat(bits=4))
+    assert torch.equal(quantized.codes, reference.codes) and torch.equal(quantized.scale, reference.scale)
+    assert quantized.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_rtn_creates_every_tensor_on_the_weight_device():
+    """On the meta device any tensor made on the CPU would fail to mix in."""
+    for fmt in (WeightFormat(bits=4, group_size=32), WeightFormat(bits=4, symmetric=False)):
+        quantized = quantize_rtn(torch.empty(50, 130, device="meta"), fmt)
+        assert quantized.codes.device.type == quantized.scale.device.type == quantized.dequantize().device.type == "meta"
+
+
+def _column_by_column_gptq(weight, hessian, fmt, damping=0.01):
+    """GPTQ without lazy batches: every column's error goes to all later columns at once (the oracle)."""
+    weight = weight.double().clone()
+    _, scale, zero = quantize_module._group_grids(weight.float(), fmt)
+    hessian = hessian.double() + damping * torch.diagonal(hessian.double()).mean() * torch.eye(len(hessian), dtype=torch.float64)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    low, high = code_range(fmt.bits, fmt.symmetric)
+    codes = torch.zeros_like(weight)
+    group = fmt.group_size or weight.shape[1]
+    for i in range(weight.shape[1]):
+        s = scale[:, i // group].double()
+        shift = 0 if zero is None else zero[:, i // group].double()
+        codes[:, i] = torch.clamp(torch.round(weight[:, i] / s + shift), low, high)
+        error = (weight[:, i] - (codes[:, i] - shift) * s) / upper[i, i]
+        weight[:, i:] -= error[:, None] * upper[i, i:][None, :]
+    return codes
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(bits=4), WeightFormat(bits=3, symmetric=False, group_size=32)])
+def test_blocked_gptq_matches_the_column_by_column_oracle(fmt):
+    weight, inputs = _weight(), _correlated_inputs()
+    hessian = inputs.T.double() @ inputs.double()
+    codes = quantize_gptq(weight, hessian, fmt, block_size=16).codes.double()
+    expected = _column_by_column_gptq(weight, hessian, fmt)
+    assert (codes == expected).double().mean() >= 0.999  # the same up to float64 rounding at .5 boundaries
+
+
+def test_per_token_quantization_is_the_same_with_and_without_autograd():
+    x = torch.randn(4, 33, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        in_place = quantize_per_token(x, bits=4, clip_ratio=0.9)
+    tracked = quantize_per_token(x.clone().requires_grad_(), bits=4, clip_ratio=0.9)
+    assert tracked.requires_grad and torch.equal(in_place, tracked.detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rtn_and_gptq_run_on_cuda():
+    weight, inputs = _weight(), _correlated_inputs()
+    hessian = inputs.T.double() @ inputs.double()
+    for quantized in (quantize_rtn(weight.cuda(), WeightFormat(bits=4, group_size=32)),
+                      quantize_gptq(weight.cuda(), hessian.cuda(), WeightFormat(bits=4, symmetric=False))):
+        assert quantized.codes.is_cuda and quantized.scale.is_cuda and quantized.dequantize().is_cuda
+        assert _sqnr_db(weight, quantized.dequantize().cpu()) > 15
