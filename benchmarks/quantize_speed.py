@@ -17,12 +17,12 @@ import argparse
 import datetime
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
 
+from qsvd.bench_stages import cpu_model, min_seconds
 from qsvd.math import beta as beta_now
 from qsvd.math import quantize as quantize_now
 from qsvd.math.hadamard import random_orthogonal
@@ -40,23 +40,6 @@ def revision_module(revision: str, path: str, name: str) -> types.ModuleType:
     sys.modules[name] = module  # dataclasses look their module up
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
-def min_seconds(function, repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def layer(hidden: int, mlp: int, rank: int, tokens: int, seed: int) -> dict:

@@ -13,32 +13,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import time
 
 import torch
 
+from qsvd.bench_stages import cpu_model, min_seconds
 from qsvd.math.svd import thin_svd_with_method
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def min_seconds(function, repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def cases(rows: int, columns: int, seed: int) -> dict[str, torch.Tensor]:

@@ -130,15 +130,28 @@ def bench_stages(architecture: str, depths: list[int], out_dir: Path, threads: i
     return summary
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine() or "unknown"
+
+
+def min_seconds(function, repeats: int):
+    """(the fastest of `repeats` calls of `function`, in seconds; its last result): timing on a noisy machine."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
 
 
 def markdown_table(summary: dict) -> str:
