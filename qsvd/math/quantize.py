@@ -230,12 +230,26 @@ def quantize_gptq(
     return QuantizedWeight(codes.to(_code_dtype(fmt)), scale, zero, group)
 
 
-def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Dynamic symmetric per-token fake quantization of activations along the last dimension."""
+def _per_token_scale(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
     if not 0 < clip_ratio <= 1:
         raise ValueError(f"activation clip ratio must be in (0, 1], got {clip_ratio}")
+    high = code_range(bits, symmetric=True)[1]
+    return (x.abs().amax(dim=-1, keepdim=True) * clip_ratio / high).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Dynamic symmetric per-token fake quantization of activations along the last dimension."""
     low, high = code_range(bits, symmetric=True)
-    scale = (x.abs().amax(dim=-1, keepdim=True) * clip_ratio / high).clamp_min(torch.finfo(x.dtype).tiny)
+    scale = _per_token_scale(x, bits, clip_ratio)
     if torch.is_grad_enabled() and x.requires_grad:
         return torch.clamp(torch.round(x / scale), low, high) * scale
     return (x / scale).round_().clamp_(low, high).mul_(scale)  # the same numbers in one buffer
+
+
+def per_token_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, per-token scale in x's dtype) of `quantize_per_token`: codes · scale is exactly its result."""
+    if bits > 8:
+        raise ValueError(f"integer activation codes need bits <= 8, got {bits}")
+    low, high = code_range(bits, symmetric=True)
+    scale = _per_token_scale(x, bits, clip_ratio)
+    return (x / scale).round_().clamp_(low, high).to(torch.int8), scale

@@ -13,6 +13,7 @@ import weakref
 import torch
 from torch import nn
 
+from qsvd.math.quantize import per_token_codes
 from qsvd.models.input_transform import InputTransform
 
 DOWN_SUFFIX = "_down"
@@ -33,6 +34,7 @@ class SharedDownProjection(nn.Module):
         self._last_input: weakref.ref | None = None
         self._last_latent: torch.Tensor | None = None
         self._last_version = -1
+        self.last_codes: tuple[torch.Tensor, torch.Tensor] | None = None  # of the memoised latent
         self.latent_computations = 0
         self.input_transform = InputTransform(in_features)
         self.latent_transform = InputTransform(rank)
@@ -41,14 +43,24 @@ class SharedDownProjection(nn.Module):
         last = self._last_input() if self._last_input is not None else None
         if last is x and self._last_latent is not None and last._version == self._last_version:
             return self._last_latent
-        latent = self.latent_transform(nn.functional.linear(self.input_transform(x), self.weight))
+        latent, self.last_codes = self.compute_latent(x)
         self._last_input, self._last_version, self._last_latent = weakref.ref(x), x._version, latent
         self.latent_computations += 1
         return latent
 
+    def compute_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(C, its (int8 codes, per-token scale) when the latent is quantized, else None); C = codes · scale."""
+        pre = nn.functional.linear(self.input_transform(x), self.weight)
+        transform = self.latent_transform
+        differentiable = torch.is_grad_enabled() and pre.requires_grad
+        if transform.bits is not None and transform.rotation_kind is None and transform.bits <= 8 and not differentiable:
+            codes, scale = per_token_codes(pre, transform.bits, transform.clip_ratio)
+            return codes.to(pre.dtype) * scale, (codes, scale)
+        return transform(pre), None
+
     def release(self) -> None:
         """Drop the memoised latent (called after each attention forward)."""
-        self._last_input = self._last_latent = None
+        self._last_input = self._last_latent = self.last_codes = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}"
