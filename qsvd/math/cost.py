@@ -68,10 +68,11 @@ class Unit:
         return rank * (self.shape.hidden_size + self.out_features)
 
     def caches(self, rank: int) -> str:
-        """What this unit puts in the KV cache: its "latent", its "kv" outputs, or "none" (Q only)."""
+        """What this unit puts in the KV cache: its "latent", its "kv" outputs, or "none" (Q only). At rank = its K/V
+        size the latent holds as many values and needs the K rebuild and positions besides: it caches K/V."""
         if self.kv_out == 0:
             return "none"
-        return "latent" if rank <= self.kv_out else "kv"
+        return "latent" if rank < self.kv_out else "kv"
 
     def cache_values(self, rank: int) -> int:
         return min(rank, self.kv_out)
@@ -136,3 +137,67 @@ def budget_measure(shapes: list[LayerShape], kind: str, layout: str = "joint"):
         return getattr(plan_cost(shapes, ranks, layout), kind)
 
     return measure
+
+
+CACHE_MODES = ("kv", "latent", "latent_v")  # what generation caches for a latent-caching unit (method §2)
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """What one layer's cache holds in a cache mode: K is rebuilt from `k_latent`'s latent (else cached post-RoPE),
+    V is absorbed from `v_latent`'s latent (else cached); `latents` are the groups whose latent is cached, with ranks."""
+
+    k_latent: str | None
+    v_latent: str | None
+    latents: dict[str, int]
+    k_out: int
+    v_out: int
+
+
+def layer_cache(shape: LayerShape, units: list[tuple[Unit, int]], mode: str) -> LayerCache:
+    """What a cache of `mode` holds for one layer with these (unit, rank)s: `kv` caches K and V; `latent` caches only
+    the latent of every unit whose plan caches it (`Unit.caches`); `latent_v` caches post-RoPE K and V's latent."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"unknown cache mode {mode!r}; use one of {CACHE_MODES}")
+    latent_groups = {u.group: r for u, r in units if u.caches(r) == "latent"}
+    source = {p: next((g for g in latent_groups if p in g), None) for p in "kv"}
+    k_latent = source["k"] if mode == "latent" else None
+    v_latent = source["v"] if mode != "kv" else None
+    latents = {g: latent_groups[g] for g in dict.fromkeys(g for g in (k_latent, v_latent) if g is not None)}
+    return LayerCache(k_latent, v_latent, latents, shape.k_out, shape.v_out)
+
+
+def layer_caches(shapes: list[LayerShape], ranks: list[int], layout: str, mode: str) -> list[LayerCache]:
+    """`layer_cache` of every layer of a rank plan."""
+    units = layout_units(shapes, layout)
+    if len(units) != len(ranks):
+        raise ValueError(f"{len(ranks)} ranks for {len(units)} units ({layout!r} layout, {len(shapes)} layers)")
+    return [layer_cache(shape, [(u, r) for u, r in zip(units, ranks) if u.layer == index], mode)
+            for index, shape in enumerate(shapes)]
+
+
+def latent_code_bytes(rank: int, bits: int | None, value_bytes: int) -> int:
+    """Bytes of one token's cached latent: floats, int8 codes, or ≤ 4-bit codes two per byte; plus its scale."""
+    if bits is None:
+        return rank * value_bytes
+    return (rank + 1) // 2 + value_bytes if bits <= 4 else rank + value_bytes
+
+
+POSITION_BYTES = 4  # int32 position of each cached token, once per cache, where some layer rebuilds K with RoPE
+
+
+def cache_bytes(
+    shapes: list[LayerShape], ranks: list[int], layout: str, mode: str, batch: int, tokens: int, value_bytes: int,
+    latent_bits: int | None = None,
+) -> int:
+    """The bytes a generation cache of `mode` holds for `batch` sequences of `tokens` tokens: K/V in `value_bytes`
+    per value, latents as `latent_code_bytes`, and the positions the K rebuild needs (what the latent cache measures)."""
+    caches = layer_caches(shapes, ranks, layout, mode)
+    per_token = sum(
+        (c.k_out * value_bytes if c.k_latent is None else 0) + (c.v_out * value_bytes if c.v_latent is None else 0)
+        + sum(latent_code_bytes(r, latent_bits, value_bytes) for r in c.latents.values())
+        for c in caches
+    )
+    if any(c.k_latent is not None for c in caches):
+        per_token += POSITION_BYTES
+    return batch * tokens * per_token

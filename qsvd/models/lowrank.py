@@ -86,7 +86,11 @@ class LatentUpProjection(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.down(x), self.weight, self.bias)
+        return self.project(self.down(x))
+
+    def project(self, latent: torch.Tensor) -> torch.Tensor:
+        """A C + b for a latent C (the latent cache rebuilds K from its cached latents with this)."""
+        return nn.functional.linear(latent, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"rank={self.down.rank}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -31,6 +31,7 @@ class ModelFamily:
     # unless noted, decoder-layer parts relative to one decoder layer.
     embeddings: str = "model.language_model.embed_tokens"
     final_norm: str = "model.language_model.norm"
+    rotary_embedding: str = "model.language_model.rotary_emb"  # the LM's RoPE module (cos, sin from position ids)
     lm_head: str = "lm_head"
     attention_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
@@ -90,6 +91,7 @@ FAMILIES: dict[str, ModelFamily] = {
             projector="model.connector.modality_projection.proj",
             embeddings="model.text_model.embed_tokens",
             final_norm="model.text_model.norm",
+            rotary_embedding="model.text_model.rotary_emb",
             projector_output="model.connector.modality_projection.proj",
             vision_embeddings=("model.vision_model.embeddings.patch_embedding", "model.vision_model.embeddings.position_embedding"),
             vision_post_norm="model.vision_model.post_layernorm",
@@ -103,6 +105,7 @@ FAMILIES: dict[str, ModelFamily] = {
             multimodal=False,
             embeddings="model.embed_tokens",
             final_norm="model.norm",
+            rotary_embedding="model.rotary_emb",
         ),
     )
 }

@@ -49,4 +49,5 @@ def test_separate_layout_counts_every_projection_and_caches_nothing_for_q():
     assert cost.params == 100 * (576 + 576) + 192 * (576 + 192) + 50 * (576 + 192)
     assert cost.R2 == pytest.approx((192 + 50) / 384)
     assert cost.rank_fraction == pytest.approx(342 / 960)
-    assert units[0].caches(100) == "none" and units[1].caches(192) == "latent" and units[2].caches(50) == "latent"
+    assert units[0].caches(100) == "none" and units[1].caches(192) == "kv" and units[2].caches(50) == "latent"
+    assert units[1].caches(191) == "latent"  # at rank = K's size the latent saves nothing and needs the rebuild

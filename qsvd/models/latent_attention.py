@@ -1,0 +1,180 @@
+"""Latent attention: generation caches each decomposed unit's latent C = B x, and K and V are rebuilt from it.
+
+`use_latent_cache(model, mode)` binds `latent_forward` in place of every LM attention's forward and makes
+`generate()` use a `LatentCache` (qsvd.models.latent_cache) by default. With a `LatentCache`, a layer whose plan
+caches a latent (`qsvd.math.cost.layer_caches`, the cost model's own rule) stores C (its int8 codes and per-token
+scale when the latent is quantized) and:
+- `latent`: rebuilds K = RoPE(A_k C + b_k) at the cached positions every step, and absorbs V: the attention
+  weights multiply the latents (P·C), then A_v maps them per head (Σ P = 1, so b_v adds as it is);
+- `latent_v`: caches post-RoPE K as usual and C for the absorbed V;
+- `kv`: nothing changes (transformers' own cache holds the K and V the low-rank projections give).
+With any other cache (or none), the attention runs its own forward: training, perplexity and the pipeline's
+stages are untouched. The rebuild is unfused PyTorch (a fused kernel is what would turn memory into speed).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from qsvd.math.cost import CACHE_MODES, LayerCache, LayerShape, Unit, layer_cache
+from qsvd.models.latent_cache import LatentCache, cached_latent, latent_parts
+from qsvd.models.lowrank import LatentUpProjection, SharedDownProjection
+from qsvd.models.registry import ModelFamily, attention_of, decoder_layers, family_of, part, qkv_projections
+
+PLAN = "_qsvd_latent_plan"
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """One attention layer's latent plan and the modules it reads (plain attributes: nothing new is saved)."""
+
+    cache: LayerCache
+    downs: dict[str, SharedDownProjection]
+    projections: dict[str, nn.Module]  # "q", "k", "v"
+    rotary_embedding: nn.Module
+    own_forward: types.MethodType
+
+
+def installed_units(model: nn.Module, family: ModelFamily) -> list[tuple[LayerShape, dict[str, SharedDownProjection]]]:
+    """Per LM layer, its shape and its low-rank units as installed: group ("qkv", "k", ...) -> shared down-projection."""
+    layers = []
+    for layer in decoder_layers(model, family):
+        projections = qkv_projections(layer, family)
+        shape = LayerShape(projections[0].in_features, *(p.out_features for p in projections))
+        groups: dict[int, tuple[str, SharedDownProjection]] = {}
+        for which, projection in zip("qkv", projections):
+            if isinstance(projection, LatentUpProjection):
+                group, down = groups.get(id(projection.down), ("", projection.down))
+                groups[id(projection.down)] = (group + which, down)
+        layers.append((shape, dict(groups.values())))
+    return layers
+
+
+def layer_cache_plans(model: nn.Module, mode: str) -> list[LayerCache]:
+    """What a cache of `mode` holds in each LM layer of `model` (`cost.layer_cache` of its installed units)."""
+    return [layer_cache(shape, [(Unit(index, group, shape), down.rank) for group, down in downs.items()], mode)
+            for index, (shape, downs) in enumerate(installed_units(model, family_of(model)))]
+
+
+def _cache_argument() -> str:
+    """The keyword transformers' forwards take the cache by: `cache` since 5.24, `past_key_values` before."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
+def use_latent_cache(model: nn.Module, mode: str = "latent") -> list[LayerCache]:
+    """Give every LM attention of `model` the latent forward and make `generate()` cache as `mode` says by default
+    (a cache passed to generate is used as given). Returns what each layer caches. Calling it again changes the mode."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
+    family = family_of(model)
+    rotary = part(model, family.rotary_embedding, family)
+    plans = layer_cache_plans(model, mode)
+    for layer, (_, downs), cache in zip(decoder_layers(model, family), installed_units(model, family), plans):
+        attention = attention_of(layer, family)
+        previous = attention.__dict__.get(PLAN)
+        own = previous.own_forward if previous else attention.forward
+        projections = dict(zip("qkv", qkv_projections(layer, family)))
+        setattr(attention, PLAN, AttentionPlan(cache, downs, projections, rotary, own))
+        attention.forward = types.MethodType(latent_forward, attention)
+    model.qsvd_cache_mode = mode
+    if "generate" not in model.__dict__:
+        model.generate = types.MethodType(_generate, model)
+    return plans
+
+
+def new_cache(model: nn.Module) -> LatentCache:
+    """An empty cache for `model` in the mode `use_latent_cache` set."""
+    if not hasattr(model, "qsvd_cache_mode"):
+        raise ValueError("this model has no latent attention: call qsvd.models.latent_attention.use_latent_cache first")
+    family = family_of(model)
+    layers = [getattr(attention_of(layer, family), PLAN).cache.latents for layer in decoder_layers(model, family)]
+    return LatentCache([bool(latents) for latents in layers], model.qsvd_cache_mode)
+
+
+def _generate(model: nn.Module, *args, **kwargs):
+    """`generate`, with a new `LatentCache` unless a cache is given, caching is off, or the mode is `kv`."""
+    given = any(kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+    if not given and kwargs.get("use_cache", True) and model.qsvd_cache_mode != "kv":
+        kwargs[CACHE_ARGUMENT] = new_cache(model)
+    return type(model).generate(model, *args, **kwargs)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding of (batch, heads, tokens, head_dim) x, the same operations in the same order."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+
+def latent_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                   past_key_values=None, **kwargs):
+    """The attention forward with a `LatentCache` (see the module docstring); its own forward otherwise."""
+    plan: AttentionPlan = getattr(self, PLAN)
+    cache = cache if cache is not None else past_key_values
+    if not isinstance(cache, LatentCache) or not plan.cache.latents:
+        return plan.own_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+    layer = plan.cache
+    batch, tokens = hidden_states.shape[:-1]
+    heads_shape = (batch, tokens, -1, self.head_dim)
+    cos, sin = position_embeddings
+    query = _rope(plan.projections["q"](hidden_states).view(heads_shape).transpose(1, 2), cos, sin)
+    new = {}
+    if layer.k_latent is None:
+        new["k"] = _rope(plan.projections["k"](hidden_states).view(heads_shape).transpose(1, 2), cos, sin)
+    if layer.v_latent is None:
+        new["v"] = plan.projections["v"](hidden_states).view(heads_shape).transpose(1, 2)
+    for group in layer.latents:
+        down = plan.downs[group]
+        new |= latent_parts(group, down(hidden_states), down.last_codes, down.latent_transform.bits)
+    parts = cache.layers[self.layer_idx].append(new)
+    length = next(iter(parts.values())).shape[-2]
+
+    def latent(group: str) -> torch.Tensor:
+        down = plan.downs[group]
+        return cached_latent(parts, group, down.rank, down.latent_transform.bits, query.dtype)
+
+    if layer.k_latent is None:
+        key = parts["k"]
+    else:
+        if kwargs.get("position_ids") is None:
+            raise ValueError("the latent cache rebuilds K with RoPE and needs position_ids in the attention's kwargs")
+        cache.record_positions(kwargs["position_ids"], length, batch)
+        key = plan.projections["k"].project(latent(layer.k_latent))
+        key = key.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        key = _rope(key, *cache.rotary(plan.rotary_embedding, key))
+    kv_heads = key.shape[1]
+    if layer.v_latent is None:
+        value = parts["v"]
+    else:
+        value_latent = latent(layer.v_latent)
+        value = value_latent[:, None].expand(batch, kv_heads, length, value_latent.shape[-1])
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+    sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    output, weights = attention(self, query, key, value, attention_mask, dropout=0.0 if not self.training else
+                                self.attention_dropout, scaling=self.scaling, sliding_window=sliding_window, **kwargs)
+    if layer.v_latent is not None:  # output holds P·C per head: apply A_v (and b_v) per KV head's group of heads
+        up = plan.projections["v"]
+        groups = output.shape[2] // kv_heads
+        per_head = output.reshape(batch, tokens, kv_heads, groups, -1)
+        output = torch.einsum("btkgr,kdr->btkgd", per_head, up.weight.view(kv_heads, self.head_dim, -1))
+        if up.bias is not None:
+            output = output + up.bias.view(kv_heads, 1, self.head_dim)
+    output = self.o_proj(output.reshape(batch, tokens, -1).contiguous())
+    return output, weights
+
+
+def eager_attention(*args, **kwargs):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward(*args, **kwargs)
