@@ -189,6 +189,22 @@ def load_checkpoint(
     return model.eval(), processor, manifest
 
 
+def from_pretrained(
+    path: str | Path, device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None,
+    cache_mode: str = "latent",
+) -> nn.Module:
+    """A compressed model from a qsvd checkpoint (a stage's lean one or an exported standalone one), in `dtype`
+    (default: the stored one) on `device`, its generate() caching as `cache_mode` says ("latent": the latents only,
+    "latent_v": post-RoPE K and the latents, "kv": K and V). Every stored tensor must fit the rebuilt model and
+    every tensor of it must be stored, else it raises. Its processor: transformers' AutoProcessor (AutoTokenizer
+    for text-only models) from the same path."""
+    from qsvd.models.latent_attention import use_latent_cache
+
+    model, _, _ = load_checkpoint(path, dtype, device)
+    use_latent_cache(model, cache_mode)
+    return model
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     """Write a standalone copy of the lean checkpoint at `path`: every tensor, no reference to a base model."""
     model, processor, manifest = load_checkpoint(path)

@@ -101,3 +101,50 @@ def test_every_family_has_each_quantization_target_once(tiny):
     assert len(targets) == len({t.name for t in targets})
     if family.multimodal:
         assert family.projector_output in {t.name for t in targets}
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lowrank", "W8A8"])
+def test_qsvd_from_pretrained_loads_lean_and_standalone_checkpoints_generating_with_the_latent_cache(
+    tiny_model, dataset, tmp_path, images, quantized  # noqa: F811
+):
+    import qsvd
+    from qsvd.models.latent_cache import LatentCache
+    from qsvd.models.prompts import encode_prompt
+
+    model, processor = tiny_model("llava")
+    family = family_by_name("llava")
+    path = _lowrank_checkpoint("llava", model, processor, dataset, tmp_path)
+    if quantized:
+        path = run_quantize(str(path), "llava", dataset, QuantSpec(weight_bits=8, act_bits=8), tmp_path / "quantized")
+    standalone = export_checkpoint(path, tmp_path / "standalone")
+    batch = encode_prompt(processor, family, "what color is the shape?", images[0])
+    dense, _, _ = load_checkpoint(path)
+    with torch.no_grad():
+        expected = dense.generate(**batch, max_new_tokens=6, do_sample=False)
+    for source in (path, standalone):
+        compressed = qsvd.from_pretrained(source, cache_mode="latent")
+        caches = []
+        original = LatentCache.record_positions
+
+        def spy(self, *args):
+            caches.append(self)
+            return original(self, *args)
+
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(LatentCache, "record_positions", spy)
+            tokens = compressed.generate(**batch, max_new_tokens=6, do_sample=False)
+        assert torch.equal(tokens, expected)
+        assert caches  # K was rebuilt from cached latents
+
+
+def test_qsvd_from_pretrained_refuses_a_checkpoint_missing_a_tensor(tiny_model, dataset, tmp_path):  # noqa: F811
+    import qsvd
+    from safetensors.torch import save_file
+
+    model, processor = tiny_model("llama", kv_heads=2)
+    standalone = export_checkpoint(_lowrank_checkpoint("llama", model, processor, dataset, tmp_path), tmp_path / "standalone")
+    tensors = load_file(str(standalone / TENSORS))
+    missing = next(name for name in tensors if name.endswith("qkv_down.weight"))
+    save_file({n: t for n, t in tensors.items() if n != missing}, str(standalone / TENSORS))
+    with pytest.raises(RuntimeError, match="does not match its manifest: no tensors for"):
+        qsvd.from_pretrained(standalone)

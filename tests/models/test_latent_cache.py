@@ -206,3 +206,23 @@ def test_unknown_mode_is_rejected(tiny_model):
     with pytest.raises(ValueError, match="cache mode must be one of"):
         use_latent_cache(model, "compressed")
     assert set(CACHE_MODES) == {"kv", "latent", "latent_v"}
+
+
+@pytest.mark.parametrize("mode", ["latent", "latent_v"])
+def test_smollm2_generates_64_identical_tokens_with_the_latent_cache(mode, gguf_smollm2):
+    import copy
+
+    base, tokenizer = gguf_smollm2
+    model = copy.deepcopy(base)  # the session's model stays as it is
+    family = family_by_name("llama")
+    shapes, ranks = make_lowrank(model, family, "joint", 0.5)  # rank 288 < K+V 384: every layer caches its latent
+    text = ["The capital of France is", "Here is a short story about a robot who learns to paint:"]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(text, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    dense, latent, cache = dense_and_latent(model, batch, mode, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    assert latent.shape[1] == batch["input_ids"].shape[1] + 64
+    assert torch.equal(latent, dense)
+    assert cache.nbytes == cache_bytes(shapes, ranks, "joint", mode, 2, latent.shape[1] - 1, value_bytes=4)
