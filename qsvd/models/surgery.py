@@ -94,6 +94,27 @@ def apply_factors(
                     up.bias.copy_(bias)
 
 
+def apply_truncated_svd(model: nn.Module, family: ModelFamily, layout: str, fraction: float) -> list[int]:
+    """Replace every unit by its plain (unscaled) truncated SVD at `fraction` of its full rank, half of σ on each
+    factor; returns the ranks. The uncompressed model at fraction 1: for tests and benchmarks, not the method."""
+    from qsvd.math.decompose import joint_factors, scaled_svd
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"rank fraction must be in (0, 1], got {fraction}")
+    shapes = layer_shapes(model, family)
+    layers = decoder_layers(model, family)
+    units = layout_units(shapes, layout)
+    ranks = [max(1, round(fraction * unit.max_rank)) for unit in units]
+
+    factors = []
+    for unit, rank in zip(units, ranks):  # all before any shell is installed: they replace what is read here
+        weight = group_weight(layers[unit.layer], family, unit.group)
+        svd = scaled_svd(weight, torch.ones(weight.shape[1], dtype=torch.float64))
+        factors.append(joint_factors(svd, torch.arange(rank), 0.5, [shapes[unit.layer].out(p) for p in unit.group]))
+    apply_factors(model, family, layout, factors, ranks)
+    return ranks
+
+
 @contextmanager
 def attention_inputs(
     model: nn.Module,

@@ -10,13 +10,12 @@ import PIL.Image
 import pytest
 import torch
 
-from qsvd.math.cost import CACHE_MODES, cache_bytes, layout_units
-from qsvd.math.decompose import joint_factors, scaled_svd
+from qsvd.math.cost import CACHE_MODES, cache_bytes
 from qsvd.models.latent_attention import layer_cache_plans, new_cache, use_latent_cache
 from qsvd.models.latent_cache import LatentCache
 from qsvd.models.prompts import GENERATION_PADDING, encode_prompt, pad_batch
 from qsvd.models.registry import decoder_layers, family_by_name
-from qsvd.models.surgery import apply_factors, group_weight, layer_shapes
+from qsvd.models.surgery import apply_truncated_svd, layer_shapes
 from tests.conftest import build_tiny
 
 QUESTIONS = ("what color is it?", "is there a big red circle in the picture?")
@@ -24,18 +23,8 @@ NEW_TOKENS = 10
 
 
 def make_lowrank(model, family, layout: str, fraction: float) -> tuple[list, list[int]]:
-    """Replace q/k/v by the unscaled SVD factors at `fraction` of every unit's full rank: (shapes, ranks)."""
-    shapes = layer_shapes(model, family)
-    layers = decoder_layers(model, family)
-    factors, ranks = [], []
-    for unit in layout_units(shapes, layout):
-        weight = group_weight(layers[unit.layer], family, unit.group)
-        svd = scaled_svd(weight, torch.ones(weight.shape[1], dtype=torch.float64))
-        ranks.append(max(1, round(fraction * unit.max_rank)))
-        sizes = [shapes[unit.layer].out(p) for p in unit.group]
-        factors.append(joint_factors(svd, torch.arange(ranks[-1]), 0.5, sizes))
-    apply_factors(model, family, layout, factors)
-    return shapes, ranks
+    """The model's truncated SVD at `fraction` of every unit's full rank: (shapes, ranks)."""
+    return layer_shapes(model, family), apply_truncated_svd(model, family, layout, fraction)
 
 
 def prompts(family, processor):
