@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, device="cpu", dtype=None, cache_mode="latent"):
+def from_pretrained(path, device="cpu", dtype=None, cache_mode="latent", integer=True):
     """A compressed model saved by qsvd, with its latent KV cache (see qsvd.models.checkpoint.from_pretrained)."""
     from qsvd.models.checkpoint import from_pretrained as load
 
-    return load(path, device=device, dtype=dtype, cache_mode=cache_mode)
+    return load(path, device=device, dtype=dtype, cache_mode=cache_mode, integer=integer)

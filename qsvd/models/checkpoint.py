@@ -100,7 +100,7 @@ def stored_codes(name: str, quantized: QuantizedWeight, bits: int) -> dict[str, 
     return tensors
 
 
-def _stored_weight(stored: dict[str, torch.Tensor], layer: dict) -> QuantizedWeight:
+def stored_weight(stored: dict[str, torch.Tensor], layer: dict) -> QuantizedWeight:
     name, zero = layer["name"], stored.get(f"{layer['name']}.zero")
     codes = unpack_codes(stored[f"{name}.codes"], layer["weight_bits"], layer["weight_columns"], signed=zero is None)
     return QuantizedWeight(codes, stored[f"{name}.scale"], zero, layer["weight_group_size"])
@@ -127,7 +127,7 @@ def _dequantized_weights(path: Path, quantization: dict, dtype: torch.dtype, dev
     if not layers:
         return {}
     stored = load_file(str(path / QUANTIZED_WEIGHTS), device=str(device))
-    return {f"{layer['name']}.weight": _stored_weight(stored, layer).dequantize(dtype) for layer in layers}
+    return {f"{layer['name']}.weight": stored_weight(stored, layer).dequantize(dtype) for layer in layers}
 
 
 def _skeleton(path: Path, manifest: dict, config, dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module, bool]:
@@ -146,10 +146,11 @@ def _skeleton(path: Path, manifest: dict, config, dtype: torch.dtype | None, dev
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = "cpu"
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = "cpu", packed: bool = False,
 ) -> tuple[nn.Module, Any, dict]:
     """Rebuild a saved low-rank or quantized model in `dtype` (default: the stored one) on `device`:
-    (model, processor, manifest)."""
+    (model, processor, manifest). With `packed`, quantized layers hold their integer codes and compute with integer
+    kernels (`qsvd.models.packed`); else they hold the dequantized weights (simulated quantization)."""
     path = Path(path)
     if not is_compressed_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a qsvd checkpoint (no {MANIFEST} of stage {' or '.join(CHECKPOINT_STAGES)})")
@@ -178,6 +179,10 @@ def load_checkpoint(
     if empty:
         raise RuntimeError(f"checkpoint {path} does not match its manifest: no tensors for {empty[:5]}")
     model = model.to(device)
+    if packed and "quantization" in manifest:
+        from qsvd.models.packed import pack_model  # packed reads codes through this module
+
+        pack_model(model, family, manifest["quantization"], load_file(str(path / QUANTIZED_WEIGHTS), device=str(device)))
     if lean:
         track_base(model, manifest["base"]["source"], reference=manifest["base"])
         untrack_base(model, tensors)
@@ -191,7 +196,7 @@ def load_checkpoint(
 
 def from_pretrained(
     path: str | Path, device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None,
-    cache_mode: str = "latent",
+    cache_mode: str = "latent", integer: bool = True,
 ) -> nn.Module:
     """A compressed model from a qsvd checkpoint (a stage's lean one or an exported standalone one), in `dtype`
     (default: the stored one) on `device`, its generate() caching as `cache_mode` says ("latent": the latents only,
@@ -200,7 +205,7 @@ def from_pretrained(
     for text-only models) from the same path."""
     from qsvd.models.latent_attention import use_latent_cache
 
-    model, _, _ = load_checkpoint(path, dtype, device)
+    model, _, _ = load_checkpoint(path, dtype, device, packed=integer)
     use_latent_cache(model, cache_mode)
     return model
 

@@ -52,12 +52,13 @@ class InputTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation_kind is not None:
-            x = self._rotate(x)
+            x = self.rotate(x)
         if self.bits is not None:
             x = quantize_per_token(x, self.bits, self.clip_ratio)
         return x
 
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x · (R ⊗ I_block), without the quantization."""
         size = self.rotation_size
         blocks = x.reshape(*x.shape[:-1], size, self.features // size).transpose(-1, -2)
         if self.rotation_kind == "hadamard":

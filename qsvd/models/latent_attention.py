@@ -23,7 +23,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qsvd.math.cost import CACHE_MODES, LayerCache, LayerShape, Unit, layer_cache
-from qsvd.models.latent_cache import LatentCache, cached_latent, latent_parts
+from qsvd.models.latent_cache import LatentCache, cached_codes, cached_latent, latent_parts
 from qsvd.models.lowrank import LatentUpProjection, SharedDownProjection
 from qsvd.models.registry import ModelFamily, attention_of, decoder_layers, family_of, part, qkv_projections
 
@@ -144,13 +144,21 @@ def latent_forward(self, hidden_states, position_embeddings=None, attention_mask
         down = plan.downs[group]
         return cached_latent(parts, group, down.rank, down.latent_transform.bits, query.dtype)
 
+    def rebuild(group: str, up: nn.Module) -> torch.Tensor:
+        """A C + b over every cached latent: from their int8 codes with one integer matmul where `up` is packed."""
+        down = plan.downs[group]
+        codes = cached_codes(parts, group, down.rank, down.latent_transform.bits)
+        if codes is not None and hasattr(up, "project_codes"):
+            return up.project_codes(*codes, query.dtype)
+        return up.project(latent(group))
+
     if layer.k_latent is None:
         key = parts["k"]
     else:
         if kwargs.get("position_ids") is None:
             raise ValueError("the latent cache rebuilds K with RoPE and needs position_ids in the attention's kwargs")
         cache.record_positions(kwargs["position_ids"], length, batch)
-        key = plan.projections["k"].project(latent(layer.k_latent))
+        key = rebuild(layer.k_latent, plan.projections["k"])
         key = key.view(batch, length, -1, self.head_dim).transpose(1, 2)
         key = _rope(key, *cache.rotary(plan.rotary_embedding, key))
     kv_heads = key.shape[1]
@@ -165,9 +173,10 @@ def latent_forward(self, hidden_states, position_embeddings=None, attention_mask
                                 self.attention_dropout, scaling=self.scaling, sliding_window=sliding_window, **kwargs)
     if layer.v_latent is not None:  # output holds P·C per head: apply A_v (and b_v) per KV head's group of heads
         up = plan.projections["v"]
+        weight = up.dequantized_weight(output.dtype) if hasattr(up, "dequantized_weight") else up.weight
         groups = output.shape[2] // kv_heads
         per_head = output.reshape(batch, tokens, kv_heads, groups, -1)
-        output = torch.einsum("btkgr,kdr->btkgd", per_head, up.weight.view(kv_heads, self.head_dim, -1))
+        output = torch.einsum("btkgr,kdr->btkgd", per_head, weight.view(kv_heads, self.head_dim, -1))
         if up.bias is not None:
             output = output + up.bias.view(kv_heads, 1, self.head_dim)
     output = self.o_proj(output.reshape(batch, tokens, -1).contiguous())

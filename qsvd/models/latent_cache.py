@@ -91,14 +91,20 @@ def latent_parts(group: str, latent: torch.Tensor, codes: tuple[torch.Tensor, to
     return {group: pack_codes(values, bits)[:, None], f"{group}.scale": scale[:, None]}
 
 
+def cached_codes(parts: dict[str, torch.Tensor], group: str, rank: int, bits: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every cached token's latent of `group` as (int8 codes (batch, tokens, r), scales (batch, tokens, 1)), or None
+    where the latent is cached as floats."""
+    if f"{group}.scale" not in parts:
+        return None
+    return unpack_codes(parts[group][:, 0], bits, rank, signed=True), parts[f"{group}.scale"][:, 0]
+
+
 def cached_latent(parts: dict[str, torch.Tensor], group: str, rank: int, bits: int | None,
                   dtype: torch.dtype) -> torch.Tensor:
     """Every cached token's latent of `group`, (batch, tokens, r) in `dtype`: exactly what the down-projection gave."""
-    stored = parts[group][:, 0]
-    if f"{group}.scale" not in parts:
-        return stored
-    codes = unpack_codes(stored, bits, rank, signed=True)
-    return codes.to(dtype) * parts[f"{group}.scale"][:, 0]
+    codes = cached_codes(parts, group, rank, bits)
+    return parts[group][:, 0] if codes is None else codes[0].to(dtype) * codes[1]
 
 
 class LatentCache(Cache):

@@ -50,13 +50,17 @@ class SharedDownProjection(nn.Module):
 
     def compute_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """(C, its (int8 codes, per-token scale) when the latent is quantized, else None); C = codes · scale."""
-        pre = nn.functional.linear(self.input_transform(x), self.weight)
+        pre = self.project_down(x)
         transform = self.latent_transform
         differentiable = torch.is_grad_enabled() and pre.requires_grad
         if transform.bits is not None and transform.rotation_kind is None and transform.bits <= 8 and not differentiable:
             codes, scale = per_token_codes(pre, transform.bits, transform.clip_ratio)
             return codes.to(pre.dtype) * scale, (codes, scale)
         return transform(pre), None
+
+    def project_down(self, x: torch.Tensor) -> torch.Tensor:
+        """B x, after the input transform (the latent before its quantization)."""
+        return nn.functional.linear(self.input_transform(x), self.weight)
 
     def release(self) -> None:
         """Drop the memoised latent (called after each attention forward)."""
@@ -119,5 +123,6 @@ def install_lowrank_group(
         up = LatentUpProjection(down, old.out_features, bias, dtype=dtype, device=device)
         set_projection(which, up)
         ups.append(up)
-    attention.register_forward_hook(lambda module, args, output: down.release())
+    # by name: a packed model swaps the down-projection module later
+    attention.register_forward_hook(lambda module, args, output: getattr(module, group + DOWN_SUFFIX).release())
     return down, ups

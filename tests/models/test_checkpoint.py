@@ -123,6 +123,8 @@ def test_qsvd_from_pretrained_loads_lean_and_standalone_checkpoints_generating_w
         expected = dense.generate(**batch, max_new_tokens=6, do_sample=False)
     for source in (path, standalone):
         compressed = qsvd.from_pretrained(source, cache_mode="latent")
+        kernels = {getattr(m, "kernel", None) for m in compressed.modules()} - {None}
+        assert kernels == ({"int_mm"} if quantized else set())  # W8A8: every quantized layer computes in integers
         caches = []
         original = LatentCache.record_positions
 
@@ -130,11 +132,21 @@ def test_qsvd_from_pretrained_loads_lean_and_standalone_checkpoints_generating_w
             caches.append(self)
             return original(self, *args)
 
+        rebuilt = []
         with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
             patch.setattr(LatentCache, "record_positions", spy)
+            if quantized:
+                from qsvd.models.packed import PackedLatentUpProjection
+
+                own = PackedLatentUpProjection.project_codes
+                patch.setattr(PackedLatentUpProjection, "project_codes",
+                              lambda self, *args: rebuilt.append(self) or own(self, *args))
             tokens = compressed.generate(**batch, max_new_tokens=6, do_sample=False)
         assert torch.equal(tokens, expected)
         assert caches  # K was rebuilt from cached latents
+        if quantized:  # ... from their int8 codes (in latent mode k_proj itself never runs: only the rebuild)
+            k_ups = {id(layer.self_attn.k_proj) for layer in compressed.model.language_model.layers}
+            assert k_ups <= {id(up) for up in rebuilt}
 
 
 def test_qsvd_from_pretrained_refuses_a_checkpoint_missing_a_tensor(tiny_model, dataset, tmp_path):  # noqa: F811
