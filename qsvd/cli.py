@@ -71,7 +71,7 @@ def _importance(a):
     from qsvd.stages.importance import run_importance
 
     run_importance(a.model, a.family, a.decomposition, a.data, a.out, dtype=DTYPES[a.dtype], device=a.device,
-                   factor_memory_gib=a.factor_memory_gib)
+                   factor_memory_gib=a.factor_memory_gib, gradient_checkpointing=a.gradient_checkpointing)
 
 
 def _rank_plan(a):
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--factor-memory-gib", type=float, default=4.0,
                    help="U and V held at once; more units take further passes over the calibration samples")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each LM decoder layer in the backward instead of storing its activations "
+                   "(less memory, one more forward per layer, the same scores)")
     p.add_argument("--out", type=Path, required=True)
 
     p = stage("rank-plan", _rank_plan, "per-layer ranks for one budget")

@@ -49,6 +49,7 @@ class ComputeConfig:
     device: str = "auto"
     calibration_batch_size: int = 1
     evaluation_batch_size: int = 1
+    gradient_checkpointing: bool = False
 
     @property
     def uses_gpu(self) -> bool:

@@ -13,10 +13,8 @@ from qsvd.artefacts import MANIFEST, provenance, read_artefact, read_json, write
 from qsvd.math.cost import LayerShape, Unit, layout_units
 from qsvd.math.decompose import ScaledSVD, activation_scale, scaled_svd, whitening
 from qsvd.methods import INPUT_TRANSFORMS, LAYOUTS
-from qsvd.models.checkpoint import open_model
 from qsvd.models.device import resolve_device
-from qsvd.models.registry import decoder_layers, family_by_name
-from qsvd.models.surgery import group_weight, layer_shapes
+from qsvd.models.shards import layer_qkv_weights
 
 
 @dataclass(frozen=True)
@@ -69,25 +67,28 @@ def run_decompose(
 ) -> Path:
     """Store T per layer and U, σ, V of W_g·T per unit g of `layout` (float32), plus the layer shapes.
 
-    The model is held in `dtype` on `device`; each unit's SVD is computed there in float64."""
+    The q/k/v weights are held in `dtype` on `device`, one layer at a time when `model_source` is a local directory
+    of safetensors files (else the whole model is loaded); each unit's SVD is computed there in float64."""
     if transform not in INPUT_TRANSFORMS:
         raise ValueError(f"input transform {transform!r} is not one of {INPUT_TRANSFORMS}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}")
     device = resolve_device(device)
-    model, _ = open_model(model_source, family, dtype, device)
-    adapter = family_by_name(family)
     stats, _ = read_artefact(stats_dir)
-    layers = decoder_layers(model, adapter)
-    shapes = layer_shapes(model, adapter)
-    tensors, transforms = {}, {}
-    for unit in tqdm(layout_units(shapes, layout), desc=f"{layout} SVD"):
-        if unit.layer not in transforms:
-            transforms[unit.layer] = input_transform(stats, unit.layer, transform, alpha, damping)
-            tensors[f"layer.{unit.layer}.transform"] = transforms[unit.layer]  # float64: B carries its inverse
-        svd = scaled_svd(group_weight(layers[unit.layer], adapter, unit.group), transforms[unit.layer].to(device))
-        for name in ("u", "sigma", "v"):
-            tensors[f"{unit.name}.{name}"] = getattr(svd, name).float().cpu()
+    shapes, layer_weights = layer_qkv_weights(model_source, family, dtype, device)
+    units = layout_units(shapes, layout)
+    tensors = {}
+    with tqdm(total=len(units), desc=f"{layout} SVD") as progress:
+        for layer, weights in layer_weights:
+            scale = input_transform(stats, layer, transform, alpha, damping)
+            tensors[f"layer.{layer}.transform"] = scale  # float64: B carries its inverse
+            for unit in (u for u in units if u.layer == layer):
+                stacked = torch.cat([weights[p].to(torch.float64) for p in unit.group])  # e.g. [W_q; W_k; W_v]
+                svd = scaled_svd(stacked, scale.to(device))
+                for name in ("u", "sigma", "v"):
+                    tensors[f"{unit.name}.{name}"] = getattr(svd, name).float().cpu()
+                progress.update()
+            del weights  # before the next layer is read: one layer's q/k/v at a time
     manifest = provenance(
         "decompose",
         {

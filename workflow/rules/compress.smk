@@ -98,6 +98,8 @@ rule importance:
         family=CFG.model.family,
         dtype=DTYPE,
         device=DEVICE,
+        # how, not what: the scores are the same either way, so it is a param, not a path segment
+        checkpointing="--gradient-checkpointing" if CFG.compute.gradient_checkpointing else "",
         version=STAGE_VERSIONS["importance"],
     log:
         f"{SVD}/logs/importance.log",
@@ -111,7 +113,7 @@ rule importance:
     shell:
         "{QSVD} --threads {threads} importance --model {params.model:q} --family {params.family:q}"
         " --decomposition {input.decomposition:q} --data {input.data:q} --dtype {params.dtype:q}"
-        " --device {params.device:q} --out {output:q} 2> {log:q}"
+        " --device {params.device:q} {params.checkpointing} --out {output:q} 2> {log:q}"
 
 
 rule rank_plan:
