@@ -111,10 +111,9 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
     return manifest.is_file() and read_json(manifest).get("stage") in CHECKPOINT_STAGES
 
 
-def _install_quantization(model: nn.Module, family: ModelFamily, quantization: dict, path: Path) -> None:
-    """Re-install what the rotations changed (online rotations, the rotated vision tower's extra parameters) and the
-    activation quantizers that the manifest records."""
-    matrices = read_tensors(path / ROTATIONS) if (path / ROTATIONS).is_file() else {}
+def install_quantization(model: nn.Module, family: ModelFamily, quantization: dict, matrices: dict[str, torch.Tensor]) -> None:
+    """Re-install what the rotations changed (online rotations with their stored `matrices`, the rotated vision
+    tower's extra parameters) and the activation quantizers that the manifest records."""
     install_rotated_modules(model, family, Rotations(roles=quantization["rotations"], matrices=matrices))
     for layer in quantization["layers"]:
         for role, transform in input_transforms(model, Target(layer["name"], layer["part"], layer["kind"])):
@@ -150,8 +149,13 @@ def load_checkpoint(
 ) -> tuple[nn.Module, Any, dict]:
     """Rebuild a saved low-rank or quantized model in `dtype` (default: the stored one) on `device`:
     (model, processor, manifest). With `packed`, quantized layers hold their integer codes and compute with integer
-    kernels (`qsvd.models.packed`); else they hold the dequantized weights (simulated quantization)."""
+    kernels (`qsvd.models.packed`); else they hold the dequantized weights (simulated quantization). A standalone
+    export (`export_checkpoint`) always loads packed, through transformers' door."""
     path = Path(path)
+    from qsvd.models.hf_door import is_export, load_pretrained
+
+    if is_export(path):  # standalone: packed by nature
+        return load_pretrained(path, dtype, device)
     if not is_compressed_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a qsvd checkpoint (no {MANIFEST} of stage {' or '.join(CHECKPOINT_STAGES)})")
     manifest = read_json(path / MANIFEST)
@@ -166,7 +170,8 @@ def load_checkpoint(
     tensors = load_file(str(path / manifest["weights"]), device=str(device))
     tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
     if "quantization" in manifest:
-        _install_quantization(model, family, manifest["quantization"], path)
+        matrices = read_tensors(path / ROTATIONS) if (path / ROTATIONS).is_file() else {}
+        install_quantization(model, family, manifest["quantization"], matrices)
         tensors |= _dequantized_weights(path, manifest["quantization"], dtype, device)
     for alias, name in manifest.get("aliases", {}).items():
         tensors[alias] = tensors[name]
@@ -211,14 +216,12 @@ def from_pretrained(
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
-    """Write a standalone copy of the lean checkpoint at `path`: every tensor, no reference to a base model."""
-    model, processor, manifest = load_checkpoint(path)
-    manifest = {key: value for key, value in manifest.items() if key not in ("base", "weights", "aliases", "dtype")}
-    quantized = any(layer.get("weight_bits") for layer in manifest.get("quantization", {}).get("layers", []))
-    codes = read_tensors(Path(path) / QUANTIZED_WEIGHTS) if quantized else None
-    extra = {ROTATIONS: read_tensors(Path(path) / ROTATIONS)} if (Path(path) / ROTATIONS).is_file() else None
-    return save_checkpoint(model, processor, out_dir, {**manifest, "exported_from": str(path)}, extra_tensors=extra,
-                           quantized_codes=codes, standalone=True)
+    """Write a standalone copy of the checkpoint at `path` in transformers' format (`qsvd.models.hf_door`): every
+    tensor, packed integer codes, no reference to a base model; `AutoModel*.from_pretrained` reloads it after
+    `import qsvd`."""
+    from qsvd.models.hf_door import export_pretrained
+
+    return export_pretrained(path, out_dir)
 
 
 def open_checkpoint(

@@ -104,7 +104,7 @@ class PackedWeight(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", quantized.scale.to(torch.float32).contiguous())
         zero = None if self.symmetric else quantized.zero
-        if zero is not None and not torch.equal(zero, zero.round()):
+        if zero is not None and not zero.is_meta and not torch.equal(zero, zero.round()):
             raise ValueError("asymmetric zero points must be integers for the integer matmul")
         self.register_buffer("zero", None if zero is None else (zero - self.offset).to(torch.int32))
 
@@ -231,7 +231,7 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, linear: nn.Module, quantized: QuantizedWeight, bits: int,
-                       dtype: torch.dtype | None = None) -> PackedLinear:
+                       dtype: torch.dtype | None = None, layout: str | None = None) -> PackedLinear:
         """The packed form of an nn.Linear or QuantizedLinear (its bias and input transform kept; its weight
         replaced by `quantized`), for activations in `dtype` (default: the layer's)."""
         if quantized.codes.shape != (linear.out_features, linear.in_features):
@@ -241,8 +241,8 @@ class PackedLinear(nn.Module):
         transform = InputTransform(linear.in_features) if transform is None else transform
         dtype = dtype or linear.weight.dtype
         quantized = _on(quantized, linear.weight.device)
-        packed = PackedWeight(quantized, bits, weight_layout(quantized, bits, transform.bits, dtype), dtype)
-        return cls(packed, _bias(linear), transform)
+        layout = layout or weight_layout(quantized, bits, transform.bits, dtype)
+        return cls(PackedWeight(quantized, bits, layout, dtype), _bias(linear), transform)
 
     @property
     def kernel(self) -> str:
@@ -269,10 +269,10 @@ class PackedSharedDownProjection(SharedDownProjection):
 
     @classmethod
     def from_down(cls, down: SharedDownProjection, quantized: QuantizedWeight, bits: int,
-                  dtype: torch.dtype | None = None) -> PackedSharedDownProjection:
+                  dtype: torch.dtype | None = None, layout: str | None = None) -> PackedSharedDownProjection:
         dtype = dtype or down.weight.dtype
         quantized = _on(quantized, down.weight.device)
-        layout = weight_layout(quantized, bits, down.input_transform.bits, dtype)
+        layout = layout or weight_layout(quantized, bits, down.input_transform.bits, dtype)
         return cls(PackedWeight(quantized, bits, layout, dtype), down.input_transform, down.latent_transform)
 
     @property
@@ -302,11 +302,11 @@ class PackedLatentUpProjection(LatentUpProjection):
 
     @classmethod
     def from_up(cls, up: LatentUpProjection, quantized: QuantizedWeight, bits: int,
-                dtype: torch.dtype | None = None) -> PackedLatentUpProjection:
+                dtype: torch.dtype | None = None, layout: str | None = None) -> PackedLatentUpProjection:
         """The packed form of `up`, reading the latent of `up.down` (pack the down-projection first)."""
         dtype = dtype or up.weight.dtype
         quantized = _on(quantized, up.weight.device)
-        layout = weight_layout(quantized, bits, up.down.latent_transform.bits, dtype)
+        layout = layout or weight_layout(quantized, bits, up.down.latent_transform.bits, dtype)
         return cls(up.down, PackedWeight(quantized, bits, layout, dtype), _bias(up))
 
     @property
@@ -342,10 +342,12 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def pack_model(model: nn.Module, family: ModelFamily, quantization: dict, stored: dict[str, torch.Tensor]) -> nn.Module:
+def pack_model(model: nn.Module, family: ModelFamily, quantization: dict, stored: dict[str, torch.Tensor],
+               layout: str | None = None) -> nn.Module:
     """Replace, in place, every layer with quantized weights that a quantized checkpoint's manifest `quantization`
     record lists by its packed module, built from the checkpoint's `quantized_weights.safetensors` tensors
-    `stored`: `model` (as `load_checkpoint` gives it) then holds integer codes, not float weights.
+    `stored`: `model` (as `load_checkpoint` gives it) then holds integer codes, not float weights. `layout` forces
+    one layout (default: each weight's fastest, `weight_layout`).
 
     Shared down-projections are packed first and their up-projections (packed or not) repointed to them."""
     layers = [layer for layer in quantization["layers"] if layer.get("weight_bits")]
@@ -355,7 +357,7 @@ def pack_model(model: nn.Module, family: ModelFamily, quantization: dict, stored
     packed_downs: dict[int, PackedSharedDownProjection] = {}
     for layer in [layer for layer in layers if layer["kind"] == "latent_down"]:
         down = model.get_submodule(layer["name"])
-        new = PackedSharedDownProjection.from_down(down, stored_weight(stored, layer), layer["weight_bits"])
+        new = PackedSharedDownProjection.from_down(down, stored_weight(stored, layer), layer["weight_bits"], layout=layout)
         _replace(model, layer["name"], new)  # the attention's release hook finds it by name
         packed_downs[id(down)] = new
     for down, ups in latent_modules(model, family):
@@ -365,8 +367,48 @@ def pack_model(model: nn.Module, family: ModelFamily, quantization: dict, stored
     for layer in [layer for layer in layers if layer["kind"] != "latent_down"]:
         module, quantized, bits = model.get_submodule(layer["name"]), stored_weight(stored, layer), layer["weight_bits"]
         if layer["kind"] == "latent_up":
-            new = PackedLatentUpProjection.from_up(module, quantized, bits)
+            new = PackedLatentUpProjection.from_up(module, quantized, bits, layout=layout)
         else:
-            new = PackedLinear.from_quantized(module, quantized, bits)
+            new = PackedLinear.from_quantized(module, quantized, bits, layout=layout)
         _replace(model, layer["name"], new)
     return model
+
+
+def install_packed_shells(model: nn.Module, family: ModelFamily, quantization: dict) -> None:
+    """Packed modules with empty codes on the meta device (the "codes" layout) for every quantized layer of
+    `quantization`, to be filled by loading a packed model's state dict (the transformers door)."""
+    pack_model(model, family, quantization, _empty_stored(model, quantization), layout="codes")
+
+
+def _empty_stored(model: nn.Module, quantization: dict) -> dict[str, torch.Tensor]:
+    """Meta tensors shaped as `stored_codes` stores each quantized layer's weight."""
+    symmetric = quantization["spec"]["symmetric"]
+    stored = {}
+    for layer in quantization["layers"]:
+        if not layer.get("weight_bits"):
+            continue
+        bits, columns = layer["weight_bits"], layer["weight_columns"]
+        rows = model.get_submodule(layer["name"]).weight.shape[0]
+        groups = -(-columns // layer["weight_group_size"])
+        code_dtype = torch.int8 if symmetric else torch.uint8
+        stored[f"{layer['name']}.codes"] = torch.empty(
+            (rows, (columns + 1) // 2) if packs_two_per_byte(bits) else (rows, columns),
+            dtype=torch.uint8 if packs_two_per_byte(bits) else code_dtype, device="meta")
+        stored[f"{layer['name']}.scale"] = torch.empty((rows, groups), dtype=torch.float32, device="meta")
+        if not symmetric:
+            stored[f"{layer['name']}.zero"] = torch.empty((rows, groups), dtype=torch.float32, device="meta")
+    return stored
+
+
+def use_fastest_layouts(model: nn.Module) -> None:
+    """Re-hold every packed weight of the "codes" layout in the layout of its fastest kernel (`weight_layout`: the CPU
+    weight-only kernels' own layouts for bf16/fp16 activations), after loading a state dict in the portable one."""
+    for module in list(model.modules()):
+        packed = getattr(module, "packed", None)
+        if not isinstance(packed, PackedWeight) or packed.layout != "codes":
+            continue
+        transform = module.down.latent_transform if isinstance(module, PackedLatentUpProjection) else module.input_transform
+        quantized = packed.quantized()
+        layout = weight_layout(quantized, packed.bits, transform.bits, packed.activation_dtype)
+        if layout != "codes":
+            module.packed = PackedWeight(quantized, packed.bits, layout, packed.activation_dtype)
