@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qsvd.math.cost import CACHE_MODES, cache_bytes
-from qsvd.models.latent_attention import layer_cache_plans, new_cache, use_latent_cache
+from qsvd.models.latent_attention import CACHE_ARGUMENT, layer_cache_plans, new_cache, use_latent_cache
 from qsvd.models.latent_cache import LatentCache
 from qsvd.models.prompts import GENERATION_PADDING, encode_prompt, pad_batch
 from qsvd.models.registry import decoder_layers, family_by_name
@@ -39,7 +39,7 @@ def dense_and_latent(model, batch, mode: str, **generate):
         dense = model.generate(**batch, **generate)
         use_latent_cache(model, mode)
         cache = new_cache(model)
-        latent = model.generate(**batch, **generate, cache=cache)
+        latent = model.generate(**batch, **generate, **{CACHE_ARGUMENT: cache})
     return dense, latent, cache
 
 
@@ -167,12 +167,12 @@ def test_crop_and_batch_selection_follow_every_part_and_the_positions(tiny_model
     with torch.no_grad():
         reference = model(**batch).logits
         cache = new_cache(model)
-        model(**batch, cache=cache)
+        model(**batch, **{CACHE_ARGUMENT: cache})
         length = batch["input_ids"].shape[1]
         cache.crop(-3)
         assert cache.get_seq_length() == length - 3 and cache.positions.shape == (2, length - 3)
         tail = {"input_ids": batch["input_ids"][:, -3:], "attention_mask": batch["attention_mask"],
-                "cache": cache}
+                CACHE_ARGUMENT: cache}
         logits = model(**tail).logits
         torch.testing.assert_close(logits, reference[:, -3:], rtol=1e-4, atol=1e-5)
         cache.batch_select_indices(torch.tensor([1]))

@@ -6,7 +6,7 @@ import torch
 from qsvd.data.records import read_records
 from qsvd.math.cost import cache_bytes
 from qsvd.models.checkpoint import is_compressed_checkpoint, load_checkpoint
-from qsvd.models.latent_attention import new_cache, use_latent_cache
+from qsvd.models.latent_attention import CACHE_ARGUMENT, new_cache, use_latent_cache
 from qsvd.models.prompts import GENERATION_PADDING, encode_prompt, pad_batch
 from qsvd.models.registry import family_by_name
 from qsvd.models.surgery import layer_shapes
@@ -28,7 +28,7 @@ def test_demo_checkpoints_generate_the_same_answers_with_the_latent_cache(finish
             dense = model.generate(**batch, max_new_tokens=4, do_sample=False)
             use_latent_cache(model, "latent")
             cache = new_cache(model)
-            latent = model.generate(**batch, max_new_tokens=4, do_sample=False, cache=cache)
+            latent = model.generate(**batch, max_new_tokens=4, do_sample=False, **{CACHE_ARGUMENT: cache})
         assert torch.equal(latent, dense), path
         shapes = layer_shapes(model, family)
         ranks = [unit["rank"] for unit in manifest["units"]]
