@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="questions per generate call, passages per forward pass")
     p.add_argument("--out", type=Path, required=True)
 
-    p = stage("export", _export, "write a standalone copy of a compressed checkpoint (every tensor, no base model needed)")
+    p = stage("export", _export, "write a standalone copy of a compressed checkpoint in transformers' format (every tensor, integer codes, no base model needed; AutoModel*.from_pretrained reloads it after import qsvd)")
     p.add_argument("--model", type=Path, required=True, help="a checkpoint of the lowrank-model or quantize stage")
     p.add_argument("--out", type=Path, required=True)
 
