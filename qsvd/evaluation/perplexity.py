@@ -45,6 +45,19 @@ def sequence_nlls(model: nn.Module, batch: BatchFeature) -> list[tuple[float, in
     return results
 
 
+@torch.no_grad()
+def decoded_nll(model: nn.Module, input_ids: torch.Tensor, cache, cache_argument: str = "cache") -> tuple[float, int]:
+    """`sequence_nll` of one sequence fed one token at a time through `cache` (any transformers cache, passed by
+    the keyword `cache_argument`), so every prediction reads the cache as generation does."""
+    if input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"decoded_nll takes one sequence of at least 2 tokens, got input_ids of shape {tuple(input_ids.shape)}")
+    total = 0.0
+    for t in range(input_ids.shape[1] - 1):
+        logits = model(input_ids=input_ids[:, t:t + 1], use_cache=True, **{cache_argument: cache}).logits[0, -1]
+        total += F.cross_entropy(logits.float()[None], input_ids[0, t + 1:t + 2], reduction="sum").item()
+    return total, input_ids.shape[1] - 1
+
+
 def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
     """exp(total NLL / total predicted tokens): every token weighs the same, whatever its sequence."""
     tokens = sum(token_counts)

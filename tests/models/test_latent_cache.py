@@ -215,3 +215,23 @@ def test_smollm2_generates_64_identical_tokens_with_the_latent_cache(mode, gguf_
     assert latent.shape[1] == batch["input_ids"].shape[1] + 64
     assert torch.equal(latent, dense)
     assert cache.nbytes == cache_bytes(shapes, ranks, "joint", mode, 2, latent.shape[1] - 1, value_bytes=4)
+
+
+def test_decoded_perplexity_through_the_latent_cache_equals_one_forward(tiny_model):
+    from transformers import DynamicCache
+
+    from qsvd.evaluation.perplexity import decoded_nll, sequence_nll
+    from qsvd.models.latent_cache import held_bytes
+
+    model, processor = tiny_model("llama", 2)
+    family = family_by_name("llama")
+    make_lowrank(model, family, "joint", 0.4)
+    ids = processor(["the cache is read at every step " * 3], return_tensors="pt")["input_ids"]
+    expected, count = sequence_nll(model, {"input_ids": ids})
+    dense = DynamicCache()
+    assert decoded_nll(model, ids, dense, CACHE_ARGUMENT) == pytest.approx((expected, count), rel=1e-5)
+    assert held_bytes(dense) == sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
+    use_latent_cache(model, "latent")
+    cache = new_cache(model)
+    assert decoded_nll(model, ids, cache, CACHE_ARGUMENT) == pytest.approx((expected, count), rel=1e-5)
+    assert held_bytes(cache) == cache.nbytes < held_bytes(dense)
