@@ -13,6 +13,7 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "joint": ("qkv",),  # [W_q; W_k; W_v] = one SVD, one shared latent (QSVD)
     "separate": ("q", "k", "v"),  # one SVD per projection, equal activation scaling
     "kv": ("k", "v"),  # K and V separately, Q dense (ASVD / SVD-LLM as the paper runs them)
+    "q-kv": ("q", "kv"),  # Q alone, [W_k; W_v] jointly: one shared latent for K and V, the only thing cached (GQA)
 }
 TRANSFORMS = ("scale", "whiten")  # diag(s) from abs statistics (svd.scaling), or SVD-LLM's whitening
 SCALINGS = ("abs_mean", "abs_max", "none")
@@ -38,6 +39,8 @@ METHODS: dict[str, Method] = {
         Method("asvd", "kv", "scale", "uniform", "ASVD: K and V separately at rank r, Q dense"),
         Method("svd-llm", "kv", "whiten", "uniform", "SVD-LLM whitening, K and V separately, Q dense"),
         Method("qsvd-whiten", "joint", "whiten", "importance", "joint QKV with SVD-LLM whitening, gradient allocation"),
+        Method("qsvd-kv", "q-kv", "scale", "importance", "Q alone, K and V jointly (one cached latent), gradient allocation"),
+        Method("qsvd-kv-whiten", "q-kv", "whiten", "importance", "Q alone, K and V jointly, whitening, gradient allocation"),
     )
 }
 

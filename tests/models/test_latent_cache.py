@@ -117,16 +117,16 @@ def test_beam_search_and_seeded_sampling_match_the_dense_cache(mode, tiny_model)
     assert torch.equal(latent, dense)
 
 
-@pytest.mark.parametrize("layout", ["separate", "kv"])
-def test_separate_k_and_v_latents(layout, tiny_model):
+@pytest.mark.parametrize("layout", ["separate", "kv", "q-kv"])
+def test_separate_k_and_v_latents_and_a_joint_kv_latent(layout, tiny_model):
     model, processor = tiny_model("llama", 2)
     family = family_by_name("llama")
-    shapes, ranks = make_lowrank(model, family, layout, 0.5)
+    shapes, ranks = make_lowrank(model, family, layout, 0.4)
     batch = prompts(family, processor)
     dense, latent, cache = dense_and_latent(model, batch, "latent", max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(latent, dense)
     plan = layer_cache_plans(model, "latent")[0]
-    assert (plan.k_latent, plan.v_latent) == ("k", "v")
+    assert (plan.k_latent, plan.v_latent) == (("kv", "kv") if layout == "q-kv" else ("k", "v"))
     assert cache.nbytes == cache_bytes(shapes, ranks, layout, "latent", latent.shape[0], latent.shape[1] - 1, 4)
 
 

@@ -116,6 +116,8 @@ def test_every_method_through_the_stages(method, saved_tiny_model, dataset, tmp_
         assert q.down is k.down is v.down
     elif spec.layout == "separate":
         assert len({id(q.down), id(k.down), id(v.down)}) == 3
+    elif spec.layout == "q-kv":
+        assert k.down is v.down and q.down is not k.down
     else:
         assert isinstance(q, torch.nn.Linear) and k.down is not v.down
     result = read_json(run_evaluate(str(checkpoint), "smolvlm", dataset, tmp_path / "eval.json", 3, {"method": method}))
