@@ -197,8 +197,8 @@ def test_unknown_mode_is_rejected(tiny_model):
     assert set(CACHE_MODES) == {"kv", "latent", "latent_v"}
 
 
-@pytest.mark.parametrize("mode", ["latent", "latent_v"])
-def test_smollm2_generates_64_identical_tokens_with_the_latent_cache(mode, gguf_smollm2):
+def test_smollm2_generates_64_identical_tokens_with_the_latent_cache(gguf_smollm2):
+    mode = "latent"  # the mode that rebuilds K; latent_v is covered on every tiny family
     import copy
 
     base, tokenizer = gguf_smollm2
