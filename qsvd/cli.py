@@ -112,6 +112,33 @@ def _report(a):
     write_report(a.results, a.csv, a.markdown, a.plot)
 
 
+def _verify(a):
+    from qsvd.verify import report_lines, verify_tree
+
+    reports = [verify_tree(root) for root in a.results]
+    for report in reports:
+        print("\n".join(report_lines(report)))
+    if any(report.damaged for report in reports):
+        raise SystemExit(1)
+
+
+def _benchmark(a):
+    from qsvd.math.cost import CACHE_MODES
+    from qsvd.stages.benchmark import EXECUTIONS, PEERS, Grid, run_benchmark
+
+    grid = Grid(tuple(a.batch_sizes), tuple(a.contexts), a.decode_steps, a.warmup)
+    run_benchmark(a.model, a.family, a.out, json.loads(a.labels), grid, tuple(a.cache_modes or CACHE_MODES),
+                  tuple(a.executions or EXECUTIONS), tuple(PEERS if a.peers is None else a.peers), DTYPES[a.dtype],
+                  device=a.device, memory_limit_gib=a.memory_limit_gib)
+
+
+def _benchmark_report(a):
+    from qsvd.stages.benchmark_report import write_benchmark_report
+
+    write_benchmark_report(a.benchmarks, a.csv, a.markdown, a.throughput_plot, a.cache_plot, a.budget_plot,
+                           a.cache_budget_gib)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qsvd", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -236,11 +263,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="a checkpoint of the lowrank-model or quantize stage")
     p.add_argument("--out", type=Path, required=True)
 
+    p = stage("benchmark", _benchmark, "TTFT, decode ms/token, cache and weight bytes and peak memory over batch × "
+              "context, each decode figure beside its bound; a compressed model per cache mode and execution, the "
+              "uncompressed one with the peers (dense DynamicCache, HF QuantizedCache, torchao)")
+    model_args(p)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048, 8192])
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed (the median is the figure)")
+    p.add_argument("--warmup", type=int, default=4, help="decode steps run before the timed ones")
+    p.add_argument("--cache-modes", nargs="+", default=None, help="kv, latent, latent_v (default: all)")
+    p.add_argument("--executions", nargs="+", default=None,
+                   help="a quantized model with integer kernels (real) and/or dequantized weights (simulated); default both")
+    p.add_argument("--peers", nargs="*", default=None,
+                   help="measured on an uncompressed model (qsvd.stages.benchmark.PEERS; default: all)")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="skip cells whose estimated peak exceeds this (default: 90%% of the memory available)")
+    p.add_argument("--labels", default="{}", help="JSON labels copied into the result (model, method, budget...)")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = stage("benchmark-report", _benchmark_report, "the benchmark table (CSV, markdown) and plots of benchmark results")
+    p.add_argument("--csv", type=Path, required=True)
+    p.add_argument("--markdown", type=Path, required=True)
+    p.add_argument("--throughput-plot", type=Path, required=True, help="tokens/s against context")
+    p.add_argument("--cache-plot", type=Path, required=True, help="cache bytes against context")
+    p.add_argument("--budget-plot", type=Path, required=True, help="tokens whose cache fits --cache-budget-gib")
+    p.add_argument("--cache-budget-gib", type=float, default=1.0)
+    p.add_argument("benchmarks", type=Path, nargs="+", help="benchmark stage outputs")
+
     p = stage("report", _report, "tidy CSV, markdown tables and trade-off plot")
     p.add_argument("--csv", type=Path, required=True)
     p.add_argument("--markdown", type=Path, required=True)
     p.add_argument("--plot", type=Path, required=True)
     p.add_argument("results", type=Path, nargs="+")
+
+    p = stage("verify", _verify, "check every artefact of a results tree against the sizes and SHA-256 its manifest "
+              "records; print each damaged one with the command that rebuilds it; exit 1 if any")
+    p.add_argument("results", type=Path, nargs="+", help="results trees (e.g. results/) or single artefacts' folders")
     return parser
 
 

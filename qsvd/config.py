@@ -187,6 +187,24 @@ class QuantizationConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    """The inference benchmark of every model of a run (qsvd.stages.benchmark) and its report tables and plots."""
+
+    enabled: bool = True
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    contexts: tuple[int, ...] = (128, 512, 2048, 8192)
+    decode_steps: int = 16
+    warmup: int = 4
+    threads: int | None = None
+    cache_modes: tuple[str, ...] = ("kv", "latent", "latent_v")
+    executions: tuple[str, ...] = ("real", "simulated")
+    peers: tuple[str, ...] = ("dynamic-float32", "dynamic-bfloat16", "quantized-fp8", "quanto-int4", "quanto-int2",
+                              "hqq-int4", "torchao-int8")
+    memory_limit_gib: float | None = None
+    cache_budget_gib: float = 1.0
+
+
+@dataclass(frozen=True)
 class QsvdConfig:
     model: ModelConfig
     calibration: DatasetConfig
@@ -200,6 +218,7 @@ class QsvdConfig:
     methods: tuple[str, ...] = ("qsvd",)
     report_name: str = "report"
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
 def _build(cls, data: Any, where: str):

@@ -85,6 +85,9 @@ def test_defaults_and_cache_keys():
         (["factors", "beta"], 1.5, r"factors.beta"),
         (["model", "source"], "/no/such/model", r"model.source.*does not exist"),
         (["calibration", "local_dir"], "/no/such/data", r"calibration.local_dir.*does not exist"),
+        (["benchmark"], {"peers": ["vllm"]}, r"benchmark.peers.0"),
+        (["benchmark"], {"contexts": [0]}, r"benchmark.contexts.0"),
+        (["benchmark"], {"cache_modes": ["mla"]}, r"benchmark.cache_modes.0"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from qsvd.artefacts import atomic_write, read_json
+from qsvd.artefacts import MANIFEST, atomic_write, read_json
 
 SAMPLES = "samples.jsonl"
 OPTION_LETTERS = "ABCDEFGHIJ"  # multiple-choice options are lettered A, B, C, ...
@@ -59,6 +59,8 @@ def read_records(directory: str | Path) -> list[Record]:
     path = Path(directory) / SAMPLES
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the data stage (qsvd data) first")
+    if (Path(directory) / MANIFEST).is_file():
+        read_json(Path(directory) / MANIFEST)  # checks the sizes and SHA-256 of every file the data stage wrote
     return [Record(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -8,15 +8,15 @@ named by its source and a content hash (SHA-256 and size of each weight file), c
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qsvd.artefacts import file_sha256
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 _BASE_ATTRIBUTE = "_qsvd_base"
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 class BaseModelMismatch(RuntimeError):
@@ -71,23 +71,11 @@ def weight_files(source: str | Path) -> list[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-        _HASH_CACHE[key] = digest.hexdigest()
-    return _HASH_CACHE[key]
-
-
 def base_identity(source: str | Path) -> dict:
     """{"source", "files": {name: {"bytes", "sha256"}}} of the base model's weight files."""
     return {
         "source": str(source),
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in weight_files(source)},
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in weight_files(source)},
     }
 
 

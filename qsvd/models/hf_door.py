@@ -15,7 +15,6 @@ q/k/v: `load_pretrained` (and `qsvd.from_pretrained`) refuse any missing or unex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -108,7 +107,7 @@ def is_export(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    return (read_json(config).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
 def export_pretrained(path: str | Path, out_dir: str | Path) -> Path:

@@ -18,4 +18,6 @@ STAGE_VERSIONS = {
     "quantize": 4,
     "evaluate": 1,
     "report": 1,
+    "benchmark": 1,
+    "benchmark_report": 1,
 }

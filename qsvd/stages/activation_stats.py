@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qsvd.artefacts import provenance, write_artefact
+from qsvd.artefacts import clean_stale_temporaries, provenance, write_artefact
 from qsvd.models.checkpoint import open_model
 from qsvd.models.registry import family_by_name
 from qsvd.models.surgery import attention_inputs
@@ -73,6 +73,7 @@ def run_activation_stats(
     batch_size: int = 1,
 ) -> Path:
     """Forward every calibration prompt and store abs_mean / abs_max (and XᵀX with `gram`) per LM layer."""
+    clean_stale_temporaries(out_dir)  # what a killed earlier run left beside the output
     model, processor = open_model(model_source, family, dtype, device)
     adapter = family_by_name(family)
     stats = ChannelStatistics(gram)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from qsvd.artefacts import MANIFEST, provenance, read_artefact, read_json, write_artefact
+from qsvd.artefacts import MANIFEST, clean_stale_temporaries, provenance, read_artefact, read_json, write_artefact
 from qsvd.math.cost import LayerShape, Unit, layout_units
 from qsvd.math.decompose import ScaledSVD, activation_scale, scaled_svd, whitening
 from qsvd.methods import INPUT_TRANSFORMS, LAYOUTS
@@ -74,6 +74,7 @@ def run_decompose(
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}")
     device = resolve_device(device)
+    clean_stale_temporaries(out_dir)  # what a killed earlier run left beside the output
     stats, _ = read_artefact(stats_dir)
     shapes, layer_weights = layer_qkv_weights(model_source, family, dtype, device)
     units = layout_units(shapes, layout)

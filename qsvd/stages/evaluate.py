@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qsvd.artefacts import atomic_write, provenance, write_json
+from qsvd.artefacts import FILES, atomic_write, file_records, provenance, write_json
 from qsvd.data.records import read_records
 from qsvd.evaluation.answers import score_prediction
 from qsvd.evaluation.perplexity import perplexity, sequence_nlls
@@ -100,7 +100,9 @@ def run_evaluate(
         predictions=Path(out_path).with_suffix(".predictions.jsonl").name,
     )
     lines = "".join(json.dumps(p) + "\n" for p in predictions)
-    atomic_write(Path(out_path).with_suffix(".predictions.jsonl"), lambda tmp: tmp.write_text(lines))
+    predictions_path = Path(out_path).with_suffix(".predictions.jsonl")
+    atomic_write(predictions_path, lambda tmp: tmp.write_text(lines))
+    result[FILES] = file_records(predictions_path.parent, [predictions_path.name])  # checked by read_json
     write_json(out_path, result)
     return Path(out_path)
 

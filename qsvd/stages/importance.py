@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from qsvd.artefacts import provenance, write_artefact
+from qsvd.artefacts import clean_stale_temporaries, provenance, write_artefact
 from qsvd.math.allocate import importance
 from qsvd.math.decompose import scaled_gradient_projection
 from qsvd.models.checkpoint import open_model
@@ -86,6 +86,7 @@ def run_importance(
     units than fit take further passes over the calibration samples. `gradient_checkpointing` recomputes each LM
     decoder layer in the backward instead of storing its activations (`recomputed_in_backward`)."""
     device = resolve_device(device)
+    clean_stale_temporaries(out_dir)  # what a killed earlier run left beside the output
     model, processor = open_model(model_source, family, dtype, device)
     adapter = family_by_name(family)
     decomposition = read_decomposition(decomposition_dir)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qsvd.artefacts import provenance
+from qsvd.artefacts import clean_stale_temporaries, provenance
 from qsvd.math.decompose import joint_factors
 from qsvd.models.checkpoint import LOWRANK_STAGE, open_model, save_checkpoint
 from qsvd.models.device import resolve_device
@@ -31,6 +31,7 @@ def run_lowrank_model(
     The model is held in `dtype` on `device`; each unit's factors are computed in float64, one unit at a time,
     and cast to `dtype`. The checkpoint is lean: the factors and a reference to the base model."""
     device = resolve_device(device)
+    clean_stale_temporaries(out_dir)  # a killed earlier run's full-size temporary checkpoint
     model, processor = open_model(model_source, family, dtype, device)
     adapter = family_by_name(family)
     decomposition = read_decomposition(decomposition_dir)

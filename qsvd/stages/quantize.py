@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qsvd.artefacts import provenance
+from qsvd.artefacts import clean_stale_temporaries, provenance
 from qsvd.math.beta import choose_beta, latent_singular_values, rebalance
 from qsvd.math.quantize import WeightFormat, quantize_gptq, quantize_per_token, quantize_rtn
 from qsvd.models.checkpoint import QUANTIZED_STAGE, ROTATIONS, open_checkpoint, save_checkpoint, stored_codes
@@ -88,6 +88,7 @@ def run_quantize(
     The model is held in `dtype` on `device`; rotations are folded in float64 and each weight is quantized in
     float32, one at a time. The checkpoint stores the integer codes and scales, not dequantized weights."""
     device = resolve_device(device)
+    clean_stale_temporaries(out_dir)  # a killed earlier run's full-size temporary checkpoint
     model, processor, base_manifest = open_checkpoint(model_source, family, dtype, device)
     adapter = family_by_name(family)
     lowrank = bool(latent_modules(model, adapter))

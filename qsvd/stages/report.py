@@ -1,6 +1,7 @@
 """Stage 9 (report): one tidy CSV of every result, markdown tables (methods × budgets) and trade-off plots.
 
-Reads only the evaluate stage's result JSON files. Accuracy scores are in [0, 1] in the CSV and in
+Reads only the evaluate stage's result JSON files (the inference benchmark's tables and plots are
+qsvd.stages.benchmark_report's, a rule of their own). Accuracy scores are in [0, 1] in the CSV and in
 percent in the tables and plots; perplexity (lower is better) is shown as it is. R1 (parameter/FLOP
 share of QKV) and R2 (KV-cache share) are in [0, 1] in the CSV and in percent elsewhere.
 """

@@ -168,6 +168,12 @@ def test_qsvd_from_pretrained_refuses_a_checkpoint_missing_a_tensor(tiny_model, 
     missing = next(name for name in tensors if name.endswith("qkv_down.weight"))
     save_file({n: t for n, t in tensors.items() if n != missing}, str(standalone / "model.safetensors"),
               metadata={"format": "pt"})
+    import json
+
+    from qsvd.artefacts import file_records, write_json
+
+    manifest = json.loads((standalone / "manifest.json").read_text())  # re-recorded: intact but wrong, not damage
+    write_json(standalone / "manifest.json", manifest | {"files": file_records(standalone)})
     with pytest.raises(RuntimeError, match="does not match the qsvd architecture.*missing_keys.*qkv_down"):
         qsvd.from_pretrained(standalone)
 

@@ -38,6 +38,38 @@ def test_workflow_produces_the_report(finished_workdir):
     assert manifest["config"]["gram"] and gram["layer.0.gram"].dtype == torch.float64
 
 
+def test_workflow_benchmarks_every_variant_and_reports_them(finished_workdir):
+    results = finished_workdir / "results" / "demo-test"
+    benchmarks = {path.parent.parent.relative_to(results).as_posix(): json.loads(path.read_text())
+                  for path in results.rglob("bench/inference.json")}
+    assert len(benchmarks) == 10 and "uncompressed" in benchmarks  # every evaluated variant
+    peers = {row["runner"]: row for row in benchmarks["uncompressed"]["rows"]}
+    assert peers["dynamic-float32"]["status"] == peers["quantized-fp8"]["status"] == "ok"
+    assert {row["status"] for row in peers.values()} <= {"ok", "not installed"}
+    for variant, result in benchmarks.items():
+        assert result["machine"]["cpu_capability"] and result["machine"]["threads"] == 1
+        ok = [row for row in result["rows"] if row["status"] == "ok"]
+        assert ok, variant
+        assert all(row["execution"] in ("real", "simulated") for row in result["rows"])
+        assert all(row["cache_ratio"] == 1.0 for row in ok if row["predicted_cache_bytes"]), variant
+        if "quant~" in variant:  # integer kernels, and the dequantized model beside them
+            assert {row["execution"] for row in ok} == {"real", "simulated"}
+            assert all(row["kernels"].get("int_mm") for row in ok if row["execution"] == "real")
+        if variant != "uncompressed":  # every mode measured, or skipped as caching what an earlier one does
+            assert {row["cache_mode"] for row in result["rows"]} == {"kv", "latent", "latent_v"}
+            assert all(row["status"] == "ok" or "caches what" in row["reason"] for row in result["rows"])
+    held = {(variant, row["execution"], row["cache_mode"]): row["cache_bytes"] for variant, result in benchmarks.items()
+            for row in result["rows"] if row["status"] == "ok"}
+    assert any(held[key] < held[(*key[:2], "kv")] for key in held if key[2] == "latent")  # some plan caches a latent
+    report = results / "report"
+    table = (report / "benchmark.md").read_text()
+    assert "Machine: " in table and "| real |" in table and "| simulated |" in table
+    assert len(list(csv.DictReader((report / "benchmark.csv").open()))) == sum(len(r["rows"]) for r in benchmarks.values())
+    assert all((report / name).stat().st_size > 1000 for name in
+               ("bench_tokens_per_s.png", "bench_cache_bytes.png", "bench_cache_budget.png"))
+    assert "benchmark" not in (report / "tables.md").read_text().lower()  # the accuracy report is as it was
+
+
 def test_bad_config_stops_at_once_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "config" / "test.yaml").read_text().replace("budgets: [0.9, 0.6]", "budgets: [0.9, 3.0]"))

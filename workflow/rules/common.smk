@@ -199,3 +199,39 @@ def report_outputs():
 RESOURCES = job_resources(CFG)
 DEVICE = CFG.compute.device
 DTYPE = CFG.model.dtype
+
+# The inference benchmark: one job per variant (benchmark.smk), one report of them all (report.smk).
+BENCH = CFG.benchmark
+# A benchmark job holds the model, its caches and the prefill's activations: the evaluate stage's share, or the
+# configured memory limit (which it skips cells to keep under) and the runtime's overhead.
+BENCH_RESOURCES = RESOURCES["evaluate"] | (
+    {"mem_mb": max(RESOURCES["evaluate"]["mem_mb"], 2500 + int(1024 * BENCH.memory_limit_gib))}
+    if BENCH.memory_limit_gib else {}
+)
+
+
+def benchmark_results():
+    return [f"{RESULTS}/{variant}/bench/inference.json" for variant in VARIANTS] if BENCH.enabled else []
+
+
+def benchmark_report_outputs():
+    """The benchmark report's files by name (none when benchmark.enabled is false)."""
+    if not BENCH.enabled:
+        return {}
+    names = dict(csv="benchmark.csv", markdown="benchmark.md", throughput="bench_tokens_per_s.png",
+                 cache="bench_cache_bytes.png", budget="bench_cache_budget.png")
+    return {key: f"{REPORT}/{name}" for key, name in names.items()}
+
+
+def benchmark_args(wildcards):
+    """`qsvd benchmark`'s grid, and what applies to this variant: the peers for the uncompressed model, the cache
+    modes and executions for a compressed one (so that editing one re-runs only the jobs it concerns)."""
+    args = ["--batch-sizes", *map(str, BENCH.batch_sizes), "--contexts", *map(str, BENCH.contexts),
+            "--decode-steps", str(BENCH.decode_steps), "--warmup", str(BENCH.warmup)]
+    if wildcards.variant == "uncompressed":
+        args += ["--peers", *BENCH.peers]
+    else:
+        args += ["--cache-modes", *BENCH.cache_modes, "--executions", *BENCH.executions]
+    if BENCH.memory_limit_gib is not None:
+        args += ["--memory-limit-gib", f"{BENCH.memory_limit_gib:g}"]
+    return shlex.join(args)
