@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 
-from qsvd.artefacts import atomic_write
+from qsvd.artefacts import atomic_write, read_json
 from qsvd.machine import machine_line
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def read_benchmarks(files: list[Path]) -> tuple[list[dict], dict[str, list[str]]
     for path in map(Path, files):
         if not path.is_file():
             raise FileNotFoundError(f"benchmark file {path} does not exist: run the benchmark stage that writes it")
-        result = json.loads(path.read_text())
+        result = read_json(path)
         if result.get("stage") != "benchmark" or "rows" not in result:
             raise ValueError(f"{path} is not a benchmark stage output: re-run the benchmark stage that wrote it")
         labels = result["labels"]

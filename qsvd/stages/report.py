@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from qsvd.artefacts import atomic_write
+from qsvd.artefacts import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,7 @@ def read_results(result_files: list[Path]) -> list[dict]:
     for path in map(Path, result_files):
         if not path.is_file():
             raise FileNotFoundError(f"result file {path} does not exist: run the evaluate stage that writes it")
-        try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"result file {path} is not valid JSON ({error}): re-run the evaluate stage that wrote it") from error
+        result = read_json(path)  # checks its digest and its predictions file: DamagedArtefact names the rebuild
         if not isinstance(result, dict):
             raise ValueError(f"result file {path} holds a {type(result).__name__}, not a JSON object")
         for key in COLUMNS:

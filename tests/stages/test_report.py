@@ -4,6 +4,7 @@ import json
 import pytest
 from PIL import Image
 
+from qsvd.artefacts import DamagedArtefact
 from qsvd.stages.report import COLUMNS, OPTIONAL_COLUMNS, write_report
 
 pytestmark = pytest.mark.unit
@@ -161,7 +162,7 @@ def test_errors_name_the_file_and_the_key(tmp_path):
     with pytest.raises(ValueError, match=rf"{first} and {second} are the same run"):
         write_report([first, second], *args)
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{path} is not valid JSON"):
+    with pytest.raises(DamagedArtefact, match=rf"{path} is not valid JSON.*Rebuild it"):
         write_report([path], *args)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         write_report([tmp_path / "missing.json"], *args)
