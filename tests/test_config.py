@@ -88,6 +88,8 @@ def test_defaults_and_cache_keys():
         (["benchmark"], {"peers": ["vllm"]}, r"benchmark.peers.0"),
         (["benchmark"], {"contexts": [0]}, r"benchmark.contexts.0"),
         (["benchmark"], {"cache_modes": ["mla"]}, r"benchmark.cache_modes.0"),
+        (["model", "name"], "..", r"model.name"),  # would write outside results/
+        (["report_name"], "..", r"report_name"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):
