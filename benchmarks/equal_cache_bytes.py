@@ -7,7 +7,7 @@ The question a user asks first: why not just quantize the KV cache? The compress
 given R2 budgets, β = 0.2), made through the stage functions and kept in `--work` (re-runs reuse them). Every
 perplexity is decoded token by token (`qsvd.evaluation.perplexity.decoded_nll`) on held-out State of the Union
 passages, so each prediction reads the cache; bytes per token are measured from the tensors each cache holds
-(`qsvd.models.latent_cache.held_bytes`, scales, zero points, residual full-precision tokens and positions
+(`qsvd.measure.cache_nbytes`, scales, zero points, residual full-precision tokens and positions
 included), over all 30 layers, after the last passage. The weights stay float32 everywhere: only the cache differs.
 Peers: DynamicCache (float32), QuantizedCache with its fp8 backend, and with quanto (int4, int2) and HQQ (int4)
 where `optimum-quanto` / `hqq` are importable (not dependencies of qsvd).
@@ -28,8 +28,8 @@ from qsvd.data.materialise import materialise_dataset
 from qsvd.data.records import read_records
 from qsvd.evaluation.perplexity import decoded_nll
 from qsvd.models.checkpoint import load_checkpoint, open_model
+from qsvd.measure import cache_nbytes
 from qsvd.models.latent_attention import CACHE_ARGUMENT, new_cache, use_latent_cache
-from qsvd.models.latent_cache import held_bytes
 from qsvd.models.prompts import encode_text
 from qsvd.models.rotation import latent_modules
 from qsvd.models.registry import family_by_name
@@ -74,7 +74,7 @@ def evaluate(model, passages: list[torch.Tensor], make_cache) -> tuple[float, fl
         cache = make_cache()
         passage_nll, count = decoded_nll(model, ids, cache, CACHE_ARGUMENT)
         nll, tokens = nll + passage_nll, tokens + count
-    return math.exp(nll / tokens), held_bytes(cache) / (ids.shape[1] - 1), time.perf_counter() - start
+    return math.exp(nll / tokens), cache_nbytes(cache) / (ids.shape[1] - 1), time.perf_counter() - start
 
 
 def main() -> None:

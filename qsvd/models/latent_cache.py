@@ -174,29 +174,3 @@ class LatentCache(Cache):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total + (self.positions.nbytes if self.positions is not None else 0)
 
-
-def held_bytes(cache: Cache) -> int:
-    """Bytes of every tensor any transformers cache holds (its layers' tensors, also inside quantized tensor
-    subclasses, tuples and dicts): what a cache really keeps, for peers too."""
-    seen: set[int] = set()
-
-    def size(value) -> int:
-        if isinstance(value, torch.Tensor):
-            if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor:
-                names, _ = value.__tensor_flatten__()
-                return sum(size(getattr(value, name)) for name in names)
-            if value.data_ptr() in seen or value.device.type == "meta":
-                return 0
-            seen.add(value.data_ptr())
-            return value.nbytes
-        if isinstance(value, dict):
-            return sum(size(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(size(v) for v in value)
-        if hasattr(value, "__dict__") and type(value).__module__.startswith(("optimum.quanto", "hqq")):
-            return sum(size(v) for v in vars(value).values())
-        return 0
-
-    total = sum(size(vars(layer)) for layer in cache.layers)
-    positions = getattr(cache, "positions", None)
-    return total + (size(positions) if positions is not None else 0)

@@ -221,17 +221,18 @@ def test_decoded_perplexity_through_the_latent_cache_equals_one_forward(tiny_mod
     from transformers import DynamicCache
 
     from qsvd.evaluation.perplexity import decoded_nll, sequence_nll
-    from qsvd.models.latent_cache import held_bytes
+    from qsvd.measure import cache_nbytes
 
     model, processor = tiny_model("llama", 2)
     family = family_by_name("llama")
-    make_lowrank(model, family, "joint", 0.4)
+    shapes, ranks = make_lowrank(model, family, "joint", 0.4)
     ids = processor(["the cache is read at every step " * 3], return_tensors="pt")["input_ids"]
     expected, count = sequence_nll(model, {"input_ids": ids})
     dense = DynamicCache()
     assert decoded_nll(model, ids, dense, CACHE_ARGUMENT) == pytest.approx((expected, count), rel=1e-5)
-    assert held_bytes(dense) == sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
+    assert cache_nbytes(dense) == sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
     use_latent_cache(model, "latent")
     cache = new_cache(model)
     assert decoded_nll(model, ids, cache, CACHE_ARGUMENT) == pytest.approx((expected, count), rel=1e-5)
-    assert held_bytes(cache) == cache.nbytes < held_bytes(dense)
+    tokens = ids.shape[1] - 1  # the last token is scored, never fed
+    assert cache_nbytes(cache) == cache_bytes(shapes, ranks, "joint", "latent", 1, tokens, 4) < cache_nbytes(dense)
