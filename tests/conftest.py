@@ -267,6 +267,11 @@ def saved_tiny_model(tmp_path, single_thread):
 @pytest.fixture
 def images() -> list[PIL.Image.Image]:
     """Three 64x64 RGB noise images (seeded)."""
+    return noise_images()
+
+
+def noise_images() -> list[PIL.Image.Image]:
+    """The `images` fixture's images, for fixtures of a wider scope."""
     rng = np.random.default_rng(0)
     side = 2 * IMAGE_SIZE
     return [PIL.Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(3)]

@@ -22,7 +22,8 @@ from qsvd.models.packed import (
 from qsvd.models.prompts import encode_prompt
 from qsvd.models.registry import family_by_name
 from qsvd.stages.quantize import QuantSpec, run_quantize
-from tests.conftest import build_tiny
+from tests.conftest import build_tiny, noise_images
+from tests.stages.test_pipeline_tiny import write_dataset
 from tests.stages.test_quantize import _lowrank_checkpoint
 
 pytestmark = pytest.mark.unit
@@ -237,23 +238,11 @@ SPECS = {  # W8A8, W4A4, W4A8; symmetric and asymmetric; per row and grouped; al
 @pytest.fixture(scope="module")
 def lowrank_llava(tmp_path_factory):
     """(low-rank checkpoint, processor, image) of a tiny LLaVA, built once for this module."""
-    import numpy as np
-    import PIL.Image
-
-    from qsvd.data.records import Record, write_records
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("packed")
-    rng = np.random.default_rng(0)
-    images = [PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
-    data = root / "data"
-    (data / "images").mkdir(parents=True)
-    records = []
-    for i, (question, answer) in enumerate([("what color is the shape?", "red"), ("is there a circle?", "yes"), ("what shape is it?", "triangle")]):
-        images[i].save(data / "images" / f"{i}.png")
-        records.append(Record(id=str(i), task="easy-vqa", question=question, answer=answer, answers=[answer], image=f"images/{i}.png"))
-    write_records(data, records)
+    images = noise_images()
+    data = write_dataset(root / "data", images)
     model, processor = build_tiny("llava", kv_heads=4)
     yield _lowrank_checkpoint("llava", model, processor, data, root), processor, images[0], root
     torch.set_num_threads(threads)

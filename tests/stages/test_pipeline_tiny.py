@@ -20,7 +20,11 @@ from qsvd.stages.rank_plan import run_rank_plan
 
 @pytest.fixture
 def dataset(tmp_path, images):
-    directory = tmp_path / "data"
+    return write_dataset(tmp_path / "data", images)
+
+
+def write_dataset(directory, images):
+    """Three easy-vqa-style questions about `images` as a materialised dataset in `directory`."""
     (directory / "images").mkdir(parents=True)
     records = []
     for i, (question, answer) in enumerate([("what color is the shape?", "red"), ("is there a circle?", "yes"), ("what shape is it?", "triangle")]):
