@@ -256,6 +256,16 @@ def _save(fig, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
+def _context_axes(ax, ylabel: str, title: str) -> None:
+    """Log-log axes of a figure against context length (powers of two)."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def throughput_plot(rows: list[dict], path: Path) -> None:
     """Tokens/s against context, one row of panels per model, one panel per batch size; a star where latent
     overtakes kv."""
@@ -280,12 +290,7 @@ def throughput_plot(rows: list[dict], path: Path) -> None:
                 if (mark_model, mark_batch) == (model, batch):
                     ax.plot([context], [value], marker="*", markersize=16, color="black", linestyle="none")
                     ax.annotate("latent > kv", (context, value), textcoords="offset points", xytext=(6, 6))
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("context (tokens)")
-            ax.set_ylabel("decode tokens/s")
-            ax.set_title(f"{model}: batch {batch}")
-            ax.grid(alpha=0.3)
+            _context_axes(ax, "decode tokens/s", f"{model}: batch {batch}")
         handles, names = row_axes[-1].get_legend_handles_labels()
         if handles:
             row_axes[-1].legend(handles, names, fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1))
@@ -313,12 +318,7 @@ def cache_plot(rows: list[dict], path: Path) -> None:
                          if cells[c]["predicted_cache_bytes"]]
             if predicted:
                 ax.plot(*zip(*predicted), marker="x", markersize=9, linestyle="none", color=line.get_color())
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("cache bytes per sequence (o measured, x predicted)")
-        ax.set_title(f"{model}: KV-cache bytes")
-        ax.grid(alpha=0.3)
+        _context_axes(ax, "cache bytes per sequence (o measured, x predicted)", f"{model}: KV-cache bytes")
         if lines:
             ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1))
     _save(fig, path)
