@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaModel, eager_attention_forward
 
 from qsvd.math.cost import CACHE_MODES, LayerCache, LayerShape, Unit, layer_cache
 from qsvd.models.latent_cache import LatentCache, cached_codes, cached_latent, latent_parts
@@ -64,8 +65,6 @@ def layer_cache_plans(model: nn.Module, mode: str) -> list[LayerCache]:
 
 def _cache_argument() -> str:
     """The keyword transformers' forwards take the cache by: `cache` since 5.24, `past_key_values` before."""
-    from transformers.models.llama.modeling_llama import LlamaModel
-
     return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
@@ -167,7 +166,7 @@ def latent_forward(self, hidden_states, position_embeddings=None, attention_mask
     else:
         value_latent = latent(layer.v_latent)
         value = value_latent[:, None].expand(batch, kv_heads, length, value_latent.shape[-1])
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
     sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
     output, weights = attention(self, query, key, value, attention_mask, dropout=0.0 if not self.training else
                                 self.attention_dropout, scaling=self.scaling, sliding_window=sliding_window, **kwargs)
@@ -181,9 +180,3 @@ def latent_forward(self, hidden_states, position_embeddings=None, attention_mask
             output = output + up.bias.view(kv_heads, 1, self.head_dim)
     output = self.o_proj(output.reshape(batch, tokens, -1).contiguous())
     return output, weights
-
-
-def eager_attention(*args, **kwargs):
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return eager_attention_forward(*args, **kwargs)
