@@ -1,10 +1,13 @@
-# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first. CI also runs `make lint`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# `snakemake --lint` sees the rules of one parsed config: the default, and each built model.source that brings its own
+# rules (workflow/rules/model.smk), so that every rule is linted.
+LINT_CONFIGS ?= config/config.yaml config/smollm2.yaml config/smolvlm-offline.yaml config/llava-1.5-7b-random.yaml
 
 .PHONY: setup demo test lint clean
 
@@ -29,7 +32,9 @@ test: setup
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
 
 lint: setup
-	PATH="$(abspath $(BIN)):$$PATH" snakemake --lint
+	for config in $(LINT_CONFIGS); do \
+		PATH="$(abspath $(BIN)):$$PATH" snakemake --lint --configfile $$config || exit 1; \
+	done
 
 clean:
 	rm -rf results/*/ .snakemake

@@ -1,12 +1,15 @@
 """The strict typed view of the workflow config (the JSON schema in workflow/schemas is the other half).
 
 `load_config` applies the schema's defaults, rejects unknown keys and out-of-range values with
-the offending key named, and derives the cache-key path segments of every stage.
+the offending key named, and derives the cache-key path segments of every stage (refusing configs whose
+paths would coincide). What needs the model's config or the data is checked by qsvd.preflight.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from qsvd.methods import Method
+from qsvd.methods import Method, method_by_name
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 # model.source values whose checkpoint a workflow rule builds into results/<name>/model:
@@ -29,6 +32,26 @@ MAX_BUDGET = {"rank_fraction": 1.0, "R1": 2.0, "R2": 1.0}
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and the fix."""
+
+
+def number_key(value: float) -> str:
+    """A number as a cache key writes it: `:g` (6 significant digits) where that reads back as the same value, else
+    the fewest digits that do (0.1000001 stays 0.1000001), so that two different values never share a key."""
+    for digits in range(6, 18):
+        text = f"{value:.{digits}g}"
+        if float(text) == value:
+            return text
+    return repr(value)
+
+
+def same_path(path: str) -> str:
+    """A local path as written, normalised: `./data/x`, `data//x` and `data/x` are one path."""
+    return os.path.normpath(os.path.expanduser(path))
+
+
+def path_digest(path: str) -> str:
+    """8 hex digits naming a local path in a cache key."""
+    return hashlib.sha256(same_path(path).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,7 @@ class DatasetConfig:
     def key(self) -> str:
         """Path segment naming exactly this sample set."""
         count = "all" if self.num_samples is None else str(self.num_samples)
-        local = "-local" if self.local_dir else ""
+        local = f"-local-{path_digest(self.local_dir)}" if self.local_dir else ""
         return f"{self.dataset}-{self.split}-n{count}-s{self.seed}{local}"
 
 
@@ -108,9 +131,9 @@ class SvdConfig:
         """Path segment naming the decomposition `method` uses (methods that share it share the files)."""
         transform = self.transform(method)
         if transform == "whiten":
-            detail = f"whiten-d{self.damping:g}"
+            detail = f"whiten-d{number_key(self.damping)}"
         else:
-            detail = transform if transform == "none" else f"{transform}-a{self.alpha:g}"
+            detail = transform if transform == "none" else f"{transform}-a{number_key(self.alpha)}"
         return f"{method.layout}-{detail}"
 
 
@@ -121,7 +144,7 @@ class RankConfig:
     r_min: int = 1
 
     def key(self, budget: float, method: Method) -> str:
-        return f"{method.allocation}-{self.budget_kind}{budget:g}-min{self.r_min}"
+        return f"{method.allocation}-{self.budget_kind}{number_key(budget)}-min{self.r_min}"
 
 
 @dataclass(frozen=True)
@@ -130,7 +153,7 @@ class FactorsConfig:
 
     @property
     def key(self) -> str:
-        return f"beta{self.beta:g}"
+        return f"beta{number_key(self.beta)}"
 
 
 class QuantSetting(NamedTuple):
@@ -167,8 +190,9 @@ class QuantizationConfig:
         """Path segment naming one quantized setting."""
         group = "" if self.group_size is None else f"-g{self.group_size}"
         scope = "" if self.vision else "-lmonly"
-        fixed = "" if beta is None else f"-beta{beta:g}"
-        return f"{fmt}-{self.weight_method}{group}-c{self.lm_clip:g}-{self.vision_clip:g}{scope}{fixed}-{'rot' if rotate else 'norot'}-s{seed}"
+        fixed = "" if beta is None else f"-beta{number_key(beta)}"
+        clips = f"c{number_key(self.lm_clip)}-{number_key(self.vision_clip)}"
+        return f"{fmt}-{self.weight_method}{group}-{clips}{scope}{fixed}-{'rot' if rotate else 'norot'}-s{seed}"
 
     def settings(self) -> list[QuantSetting]:
         """The main settings (every format and seed at `beta`, with `rotate`), then the rotation ablation
@@ -221,7 +245,7 @@ class QsvdConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
-def _build(cls, data: Any, where: str):
+def build_typed(cls, data: Any, where: str):
     """Build dataclass `cls` from a dict, rejecting unknown keys and missing required ones."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
@@ -246,7 +270,7 @@ def _build(cls, data: Any, where: str):
 
 def _convert(hint, value: Any, key: str):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return build_typed(hint, value, key)
     origin = typing.get_origin(hint)
     if origin is tuple:
         item = typing.get_args(hint)[0]
@@ -268,8 +292,9 @@ def _convert(hint, value: Any, key: str):
 def load_config(data: dict) -> QsvdConfig:
     """Validate against the JSON schema (with defaults), then build and range-check the typed view."""
     validate_schema(data)
-    config = _build(QsvdConfig, data, "")
+    config = build_typed(QsvdConfig, data, "")
     _check_ranges(config)
+    _check_keys(config)
     return config
 
 
@@ -295,13 +320,18 @@ def _check_ranges(config: QsvdConfig) -> None:
                 f"config key rank.budgets[{i}] = {budget} is out of range for budget_kind "
                 f"{config.rank.budget_kind!r}: use a value in (0, {limit:.4g}]"
             )
-    for where, dataset in [("calibration", config.calibration)] + [
-        (f"evaluation.tasks[{i}]", t) for i, t in enumerate(config.evaluation.tasks)
-    ]:
+    for where, dataset in datasets(config):
         if dataset.local_dir and not Path(dataset.local_dir).expanduser().exists():
             raise ConfigError(
                 f"config key {where}.local_dir: {dataset.local_dir} does not exist; "
                 "give an existing directory or null to use the hub"
+            )
+    for i, fmt in enumerate(config.quantization.formats):
+        if config.quantization.bits(fmt) == (None, None):
+            raise ConfigError(
+                f"config key quantization.formats[{i}] = {fmt} quantizes nothing: its model would be a rotated "
+                "full-precision model reported as simulated quantization; remove it (every model is also evaluated "
+                "in full precision)"
             )
     _check_random_model(config)
     source = config.model.source
@@ -310,6 +340,39 @@ def _check_ranges(config: QsvdConfig) -> None:
             f"config key model.source: local path {source} does not exist; "
             f"give an existing model directory, a hub id, or one of {list(BUILT_SOURCES)}"
         )
+
+
+def datasets(config: QsvdConfig) -> list[tuple[str, DatasetConfig]]:
+    """(dotted config key, dataset) of the calibration set and of every evaluation task."""
+    return [("calibration", config.calibration)] + [(f"evaluation.tasks[{i}]", t) for i, t in enumerate(config.evaluation.tasks)]
+
+
+def _check_keys(config: QsvdConfig) -> None:
+    """Every cache key names one thing: two different datasets, models or settings that would share a path (one
+    overwriting the other), or an evaluation task listed twice, are refused."""
+    _refuse_shared_keys([(where, d.key, dataclasses.replace(d, local_dir=d.local_dir and same_path(d.local_dir)))
+                         for where, d in datasets(config)])
+    tasks: dict[str, str] = {}
+    for where, task in datasets(config)[1:]:
+        if task.key in tasks:
+            raise ConfigError(f"config key {where} repeats {tasks[task.key]} ({task.key}): remove one of them")
+        tasks[task.key] = where
+    methods = [method_by_name(m) for m in config.methods]
+    _refuse_shared_keys([(f"methods[{i}] ({m.name}) at rank.budgets[{j}]", (config.svd.key(m), config.rank.key(b, m)), (m.name, b))
+                         for i, m in enumerate(methods) for j, b in enumerate(config.rank.budgets)])
+    quant = config.quantization
+    _refuse_shared_keys([(f"quantization {s.fmt} (seed {s.seed}, rotate {s.rotate}, beta {s.beta})", quant.key(*s), s)
+                         for s in quant.settings()])
+
+
+def _refuse_shared_keys(entries: list[tuple[str, Any, Any]]) -> None:
+    """Raise if two (where, key, value) entries have one key and different values."""
+    seen: dict[Any, tuple[str, Any]] = {}
+    for where, key, value in entries:
+        first = seen.setdefault(key, (where, value))
+        if first[1] != value:
+            raise ConfigError(f"config keys {first[0]} and {where} differ but would share the cache path {key}, one "
+                              "overwriting the other; make them differ in a key the path names, or remove one")
 
 
 def _check_random_model(config: QsvdConfig) -> None:

@@ -5,7 +5,8 @@ import typing
 import pytest
 import yaml
 
-from qsvd.config import SCHEMA_PATH, ConfigError, QsvdConfig, load_config
+import qsvd.config
+from qsvd.config import SCHEMA_PATH, ConfigError, QsvdConfig, load_config, number_key
 from qsvd.methods import METHODS
 
 pytestmark = pytest.mark.unit
@@ -90,6 +91,13 @@ def test_defaults_and_cache_keys():
         (["benchmark"], {"cache_modes": ["mla"]}, r"benchmark.cache_modes.0"),
         (["model", "name"], "..", r"model.name"),  # would write outside results/
         (["report_name"], "..", r"report_name"),
+        (["rank", "budgets"], [0.5, 0.5], r"rank.budgets: .*non-unique"),  # one model, two labels
+        (["quantization"], {"formats": ["W8A8", "W8A8"]}, r"quantization.formats: .*non-unique"),
+        (["quantization"], {"seeds": [0, 0]}, r"quantization.seeds: .*non-unique"),
+        (["quantization"], {"formats": ["W16A16"]}, r"quantization.formats\[0\] = W16A16 quantizes nothing"),
+        (["calibration", "split"], "train/a", r"calibration.split"),  # a path segment of the cache key
+        (["evaluation", "tasks"], [{"dataset": "easy-vqa", "split": "test"}, {"dataset": "easy-vqa", "split": "test", "seed": 0}],
+         r"evaluation.tasks\[1\] repeats evaluation.tasks\[0\]"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):
@@ -129,3 +137,48 @@ def test_beta_ablation_adds_each_fixed_beta_and_per_layer_beta_besides_the_main_
 def test_bad_quantization_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match="quantization"):
         load_config(_with(["quantization"], {key: value}))
+
+
+def test_keys_of_the_values_in_use_are_unchanged():
+    """Cached results and the README's paths (rank~importance-R10.1-min1) keep their keys: `:g` where it round-trips."""
+    config = load_config(_with(["rank", "budgets"], [0.1, 0.07, 0.05, 0.5333, 0.4667, 1]))
+    assert [config.rank.key(b, METHODS["qsvd"]) for b in config.rank.budgets] == [
+        "importance-R10.1-min1", "importance-R10.07-min1", "importance-R10.05-min1", "importance-R10.5333-min1",
+        "importance-R10.4667-min1", "importance-R11-min1"]
+    assert [number_key(v) for v in (0.5, 0.01, 0.2, 0.85, 1e-05, 2.0)] == ["0.5", "0.01", "0.2", "0.85", "1e-05", "2"]
+
+
+def test_values_that_differ_beyond_six_digits_get_their_own_keys():
+    data = _with(["rank", "budgets"], [0.1, 0.1000001])
+    data["svd"] = {"alpha": 0.5000001}
+    data["factors"] = {"beta": 0.2000001}
+    data["quantization"] = {"formats": ["W4A4"], "beta": 0.2, "beta_ablation": [0.2000001], "lm_clip": 0.9000001}
+    config = load_config(data)
+    assert {config.rank.key(b, METHODS["qsvd"]) for b in config.rank.budgets} == {"importance-R10.1-min1", "importance-R10.1000001-min1"}
+    assert config.svd.key(METHODS["qsvd"]) == "joint-abs_mean-a0.5000001" and config.factors.key == "beta0.2000001"
+    keys = [config.quantization.key(*s) for s in config.quantization.settings()]
+    assert len(set(keys)) == len(keys) == 3 and "W4A4-rtn-c0.9000001-0.85-beta0.2000001-rot-s0" in keys
+    assert all(float(number_key(v)) == v for v in (0.1 + 0.2, 1 / 3, 2.5e-7, 123456789.0))
+
+
+def _text_tasks(*paths):
+    return _with(["evaluation", "tasks"], [{"dataset": "text", "split": "test", "local_dir": str(p)} for p in paths])
+
+
+def test_dataset_key_names_the_local_copy(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("text")
+    tasks = load_config(_text_tasks(tmp_path / "a.txt", tmp_path / "b.txt")).evaluation.tasks
+    assert tasks[0].key != tasks[1].key and all(t.key.startswith("text-test-nall-s0-local-") for t in tasks)
+    assert load_config(BASE).calibration.key == "easy-vqa-train-n8-s0"  # no local copy: the key as before
+    with pytest.raises(ConfigError, match=r"evaluation.tasks\[1\] repeats evaluation.tasks\[0\]"):  # one file, written two ways
+        load_config(_text_tasks(tmp_path / "a.txt", f"{tmp_path}/./a.txt"))
+
+
+def test_configs_whose_keys_would_collide_are_refused(tmp_path, monkeypatch):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("text")
+    monkeypatch.setattr(qsvd.config, "path_digest", lambda path: "00000000")  # two copies, one key
+    with pytest.raises(ConfigError, match=r"evaluation.tasks\[0\] and evaluation.tasks\[1\] differ but would share "
+                                          r"the cache path text-test-nall-s0-local-00000000"):
+        load_config(_text_tasks(tmp_path / "a.txt", tmp_path / "b.txt"))

@@ -65,7 +65,7 @@ def _rules(output: str) -> set[str]:
 
 def test_changing_only_the_budget_reruns_plan_onwards(finished_workdir, tmp_path):
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    budgets = config["rank"]["budgets"] + [0.3]
+    budgets = config["rank"]["budgets"] + [0.4]  # svd-llm (Q dense) reaches R1 0.34 at the least
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"rank.budgets": budgets})))
     assert rules == {"rank_plan", "lowrank_model", *LOWRANK_SCORED, *QUANTIZED_LOWRANK, *REPORTS}
 

@@ -26,6 +26,6 @@ rule benchmark:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} benchmark --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} benchmark --model {params.model:q} --family {params.family:q}"
         " --dtype {params.dtype:q} --device {params.device:q} {params.grid} --labels {params.labels:q}"
         " --out {output:q} 2> {log:q}"

@@ -1,25 +1,28 @@
 import json
+import os
 import re
 import shlex
 from pathlib import Path
 
-from qsvd.config import ConfigError, load_config, looks_like_path
+from qsvd.config import ConfigError, load_config
 from qsvd.methods import method_by_name
-from qsvd.models.hub import HubUnreachableError, check_hub_model
+from qsvd.preflight import preflight
 from qsvd.stages import STAGE_VERSIONS
 from qsvd.resources import job_resources
 
 try:
     CFG = load_config(config)
-    if not CFG.model.is_built and not looks_like_path(CFG.model.source):
-        check_hub_model(CFG.model.source)
-except (ConfigError, HubUnreachableError) as error:
+    preflight(CFG)  # what only the model's config, the datasets and the hub cache can tell, before any job
+except ConfigError as error:
     raise WorkflowError(f"invalid configuration: {error}") from None
 
 REPO = Path(workflow.basedir).parent
-# Runs the package of this checkout, with or without `pip install -e .` (conda envs, SLURM jobs).
-# Deliberately not a param: the absolute checkout path would make moving the repo re-run everything.
-QSVD = f"PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}} python -m qsvd.cli"
+# Every job runs the package of this checkout, with or without `pip install -e .` (conda envs, SLURM jobs): the
+# checkout leads PYTHONPATH in the environment of every shell line. Environment, not a param: the absolute checkout
+# path would make moving the repo re-run everything. shell.prefix formats its text as Snakemake formats a shell line,
+# so the quoted path enters as the value of a name (braces in it stay literal); bash's strict mode is kept.
+PACKAGE_ON_PYTHONPATH = f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"
+shell.prefix("set -euo pipefail; {PACKAGE_ON_PYTHONPATH}; ")
 MODEL = CFG.model.name
 RESULTS = f"results/{MODEL}"
 DATASETS = {d.key: d for d in (CFG.calibration, *CFG.evaluation.tasks)}
@@ -47,20 +50,53 @@ wildcard_constraints:
     quant="[^/~]+",
 
 
+def local_files(path):
+    """Every file below a local model or dataset path (the path itself when it is a file), hidden entries left out;
+    none for a path that does not exist (a hub id).
+
+    These are inputs of the rules that read the path: Snakemake re-runs a rule when one of them is newer than its
+    outputs (replaced weights, an edited text file) or when files are added or removed (its input set changed). One
+    stat per file and no hashing, so a folder of large weights costs nothing when the DAG is built.
+    """
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [str(root)]
+    files = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        files += [os.path.join(folder, name) for name in sorted(names) if not name.startswith(".")]
+    return files
+
+
+# The files of a local model.source (a hub id: none, its cache is outside the workflow).
+SOURCE_FILES = [] if CFG.model.is_built else local_files(CFG.model.source)
+
+
 def model_input(wildcards=None):
-    """A built checkpoint (demo, smollm2) is a stage output; a hub id or local path is not tracked by Snakemake."""
-    return [f"{RESULTS}/model"] if CFG.model.is_built else []
+    """The base model as inputs: a built checkpoint (demo, smollm2, ...) is a stage output, a local source is its
+    files (local_files); a hub id is not tracked by Snakemake."""
+    return [f"{RESULTS}/model"] if CFG.model.is_built else SOURCE_FILES
 
 
 def model_source():
     return f"{RESULTS}/model" if CFG.model.is_built else CFG.model.source
 
 
-def dataset_args(wildcards):
-    """Command-line arguments of `qsvd data` for the dataset named by the path."""
+def dataset_spec(wildcards):
     if wildcards.dataset not in DATASETS:
         raise WorkflowError(f"no dataset with key {wildcards.dataset!r} in the config")
-    spec = DATASETS[wildcards.dataset]
+    return DATASETS[wildcards.dataset]
+
+
+def dataset_input(wildcards):
+    """The files of the dataset's local copy (local_files), as inputs; none for the hub and the packaged datasets."""
+    spec = dataset_spec(wildcards)
+    return local_files(spec.local_dir) if spec.local_dir else []
+
+
+def dataset_args(wildcards):
+    """Command-line arguments of `qsvd data` for the dataset named by the path."""
+    spec = dataset_spec(wildcards)
     args = ["--dataset", spec.dataset, "--split", spec.split, "--seed", str(spec.seed)]
     if spec.num_samples is not None:
         args += ["--num-samples", str(spec.num_samples)]
@@ -139,7 +175,7 @@ def quantized_labels(quant, method=None, budget=None):
 
 # Every compressed low-rank model, by its path below RESULTS: (method, budget).
 LEAF_PATHS = {f"{CALIB}/svd~{svd}/rank~{rank}/{FACTORS}": leaf for (svd, rank), leaf in LEAVES.items()}
-# What the quantize rule starts from ({qbase}): every leaf, and the dense model for QuaRot.
+# The models quantization starts from (the {qbase} of the quantize rule), every leaf and the dense model for QuaRot.
 QUANT_BASES = {**LEAF_PATHS, **({"quarot": None} if QUANT.quarot else {})}
 # Every evaluated model (the {variant} of the evaluate rule) -> the labels its results carry. QuaRot has no latent:
 # the β ablation does not apply to it.
@@ -162,9 +198,9 @@ wildcard_constraints:
 
 
 def variant_model_input(wildcards):
-    """The model directory the evaluated variant reads, as an input (a hub id or local source is not tracked)."""
+    """The model the evaluated variant reads, as inputs (the base model's: model_input)."""
     if wildcards.variant == "uncompressed":
-        return {"model": model_source()} if CFG.model.is_built else {}
+        return {"model": model_input()}
     return {"model": f"{RESULTS}/{wildcards.variant}/model"}
 
 
@@ -178,7 +214,7 @@ def variant_labels(wildcards):
 
 def quantize_model_input(wildcards):
     if wildcards.qbase == "quarot":
-        return {"model": model_source()} if CFG.model.is_built else {}
+        return {"model": model_input()}
     return {"model": f"{RESULTS}/{wildcards.qbase}/model"}
 
 

@@ -21,7 +21,7 @@ rule activation_stats:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} stats --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} stats --model {params.model:q} --family {params.family:q}"
         " --data {input.data:q} --dtype {params.dtype:q} --device {params.device:q} --batch-size {params.batch_size}"
         " --out {output:q} 2> {log:q}"
 
@@ -49,7 +49,7 @@ rule input_gram:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} stats --gram --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} stats --gram --model {params.model:q} --family {params.family:q}"
         " --data {input.data:q} --dtype {params.dtype:q} --device {params.device:q} --batch-size {params.batch_size}"
         " --out {output:q} 2> {log:q}"
 
@@ -80,7 +80,7 @@ rule decompose:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} decompose --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} decompose --model {params.model:q} --family {params.family:q}"
         " --stats {input.stats:q} --layout {params.layout:q} --transform {params.transform:q}"
         " --alpha {params.alpha} --damping {params.damping} --dtype {params.dtype:q} --device {params.device:q}"
         " --out {output:q} 2> {log:q}"
@@ -111,7 +111,7 @@ rule importance:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} importance --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} importance --model {params.model:q} --family {params.family:q}"
         " --decomposition {input.decomposition:q} --data {input.data:q} --dtype {params.dtype:q}"
         " --device {params.device:q} {params.checkpointing} --out {output:q} 2> {log:q}"
 
@@ -141,7 +141,7 @@ rule rank_plan:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} rank-plan --decomposition {input.decomposition:q} {params.importance}"
+        "python -m qsvd.cli rank-plan --decomposition {input.decomposition:q} {params.importance}"
         " --allocation {params.allocation:q} --budget-kind {params.budget_kind:q} --budget {params.budget}"
         " --r-min {params.r_min} --out {output:q} 2> {log:q}"
 
@@ -170,6 +170,6 @@ rule lowrank_model:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} lowrank-model --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} lowrank-model --model {params.model:q} --family {params.family:q}"
         " --decomposition {input.decomposition:q} --plan {input.plan:q} --beta {params.beta}"
         " --dtype {params.dtype:q} --device {params.device:q} --out {output:q} 2> {log:q}"

@@ -1,4 +1,6 @@
 rule materialise_dataset:
+    input:
+        dataset_input,
     output:
         directory("results/data/{dataset}"),
     params:
@@ -14,4 +16,4 @@ rule materialise_dataset:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} data {params.args} --out {output:q} 2> {log:q}"
+        "python -m qsvd.cli data {params.args} --out {output:q} 2> {log:q}"

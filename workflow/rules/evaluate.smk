@@ -27,6 +27,6 @@ rule evaluate:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} evaluate --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} evaluate --model {params.model:q} --family {params.family:q}"
         " --data {input.data:q} --dtype {params.dtype:q} --device {params.device:q} --batch-size {params.batch_size}"
         " --max-new-tokens {params.max_new_tokens} --labels {params.labels:q} --out {output:q} 2> {log:q}"

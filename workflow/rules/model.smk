@@ -20,7 +20,7 @@ if CFG.model.source == "demo":
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} demo-model --seed {params.seed}"
+            "python -m qsvd.cli --threads {threads} demo-model --seed {params.seed}"
             " --max-minutes {params.max_minutes} --recipe {params.recipe:q} --out {output:q} 2> {log:q}"
 
 
@@ -41,7 +41,7 @@ if CFG.model.source == "smollm2":
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} export-smollm2 --out {output:q} 2> {log:q}"
+            "python -m qsvd.cli --threads {threads} export-smollm2 --out {output:q} 2> {log:q}"
 
 
 if CFG.model.source == "smolvlm-offline":
@@ -62,7 +62,7 @@ if CFG.model.source == "smolvlm-offline":
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} export-smollm2 --out {output:q} 2> {log:q}"
+            "python -m qsvd.cli --threads {threads} export-smollm2 --out {output:q} 2> {log:q}"
 
     rule smolvlm_offline_model:
         input:
@@ -84,7 +84,7 @@ if CFG.model.source == "smolvlm-offline":
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} smolvlm-offline-model --language-model {input.language_model:q}"
+            "python -m qsvd.cli --threads {threads} smolvlm-offline-model --language-model {input.language_model:q}"
             " --seed {params.seed} --max-minutes {params.max_minutes} --recipe {params.recipe:q} --out {output:q} 2> {log:q}"
 
 
@@ -111,5 +111,5 @@ if CFG.model.source == "random":
         conda:
             "../../envs/qsvd.yaml"
         shell:
-            "{QSVD} --threads {threads} random-model --architecture {params.architecture:q} {params.layers}"
+            "python -m qsvd.cli --threads {threads} random-model --architecture {params.architecture:q} {params.layers}"
             " {params.vision_layers} --seed {params.seed} --dtype {params.dtype:q} --out {output:q} 2> {log:q}"

@@ -25,6 +25,6 @@ rule quantize:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} --threads {threads} quantize --model {params.model:q} --family {params.family:q}"
+        "python -m qsvd.cli --threads {threads} quantize --model {params.model:q} --family {params.family:q}"
         " --spec {params.spec:q} --data {input.data:q} --dtype {params.dtype:q} --device {params.device:q}"
         " --out {output:q} 2> {log:q}"

@@ -17,7 +17,7 @@ rule report:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} report --csv {output.csv:q} --markdown {output.markdown:q} --plot {output.plot:q}"
+        "python -m qsvd.cli report --csv {output.csv:q} --markdown {output.markdown:q} --plot {output.plot:q}"
         " {input:q} 2> {log:q}"
 
 
@@ -39,6 +39,6 @@ rule benchmark_report:
     conda:
         "../../envs/qsvd.yaml"
     shell:
-        "{QSVD} benchmark-report --csv {output.csv:q} --markdown {output.markdown:q}"
+        "python -m qsvd.cli benchmark-report --csv {output.csv:q} --markdown {output.markdown:q}"
         " --throughput-plot {output.throughput:q} --cache-plot {output.cache:q} --budget-plot {output.budget:q}"
         " --cache-budget-gib {params.cache_budget_gib} {input:q} 2> {log:q}"
