@@ -179,6 +179,7 @@ class QuantizationConfig:
     rotation_ablation: bool = False
     beta: float | None = None
     beta_ablation: tuple[float, ...] = ()
+    vocabulary_bits: int | None = None
 
     @staticmethod
     def bits(fmt: str) -> tuple[int | None, int | None]:
@@ -192,7 +193,8 @@ class QuantizationConfig:
         scope = "" if self.vision else "-lmonly"
         fixed = "" if beta is None else f"-beta{number_key(beta)}"
         clips = f"c{number_key(self.lm_clip)}-{number_key(self.vision_clip)}"
-        return f"{fmt}-{self.weight_method}{group}-{clips}{scope}{fixed}-{'rot' if rotate else 'norot'}-s{seed}"
+        vocabulary = "" if self.vocabulary_bits is None else f"-v{self.vocabulary_bits}"
+        return f"{fmt}-{self.weight_method}{group}-{clips}{scope}{vocabulary}{fixed}-{'rot' if rotate else 'norot'}-s{seed}"
 
     def settings(self) -> list[QuantSetting]:
         """The main settings (every format and seed at `beta`, with `rotate`), then the rotation ablation

@@ -257,6 +257,37 @@ class PackedLinear(nn.Module):
                 f"kernel={self.kernel}")
 
 
+class PackedEmbedding(nn.Module):
+    """An embedding table held as per-row integer codes and scales: each looked-up row is dequantized on its own."""
+
+    def __init__(self, packed: PackedWeight, padding_idx: int | None = None) -> None:
+        super().__init__()
+        if packed.layout != "codes" or not packed.symmetric or packed.groups != 1:
+            raise ValueError("a packed embedding holds symmetric per-row codes (the \"codes\" layout)")
+        self.num_embeddings, self.embedding_dim = packed.out_features, packed.in_features
+        self.padding_idx = padding_idx
+        self.packed = packed
+
+    @classmethod
+    def from_quantized(cls, embedding: nn.Embedding, quantized: QuantizedWeight, bits: int) -> PackedEmbedding:
+        if quantized.codes.shape != embedding.weight.shape:
+            raise ValueError(f"codes of shape {tuple(quantized.codes.shape)} for a {tuple(embedding.weight.shape)} table")
+        packed = PackedWeight(_on(quantized, embedding.weight.device), bits, "codes", embedding.weight.dtype)
+        return cls(packed, embedding.padding_idx)
+
+    @property
+    def kernel(self) -> str:
+        return "row gather"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        packed = self.packed
+        rows = unpack_codes(packed.codes[ids], packed.bits, self.embedding_dim, signed=True)  # only the rows looked up
+        return (rows.to(torch.float32) * packed.scale[ids]).to(packed.activation_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.packed.bits}, kernel={self.kernel}"
+
+
 class PackedSharedDownProjection(SharedDownProjection):
     """The shared down-projection with B as integer codes: B x by `_int_mm` from x's codes, then the latent
     quantized to codes as `latent_transform` says (the same rule as `SharedDownProjection.compute_latent`)."""
@@ -351,7 +382,7 @@ def pack_model(model: nn.Module, family: ModelFamily, quantization: dict, stored
 
     Shared down-projections are packed first and their up-projections (packed or not) repointed to them."""
     layers = [layer for layer in quantization["layers"] if layer.get("weight_bits")]
-    unknown = {layer["kind"] for layer in layers} - {"linear", "latent_down", "latent_up"}
+    unknown = {layer["kind"] for layer in layers} - {"linear", "latent_down", "latent_up", "embedding"}
     if unknown:
         raise ValueError(f"no packed module for quantized layers of kind {sorted(unknown)}")
     packed_downs: dict[int, PackedSharedDownProjection] = {}
@@ -368,6 +399,8 @@ def pack_model(model: nn.Module, family: ModelFamily, quantization: dict, stored
         module, quantized, bits = model.get_submodule(layer["name"]), stored_weight(stored, layer), layer["weight_bits"]
         if layer["kind"] == "latent_up":
             new = PackedLatentUpProjection.from_up(module, quantized, bits, layout=layout)
+        elif layer["kind"] == "embedding":
+            new = PackedEmbedding.from_quantized(module, quantized, bits)
         else:
             new = PackedLinear.from_quantized(module, quantized, bits, layout=layout)
         _replace(model, layer["name"], new)
@@ -405,8 +438,8 @@ def use_fastest_layouts(model: nn.Module) -> None:
     weight-only kernels' own layouts for bf16/fp16 activations), after loading a state dict in the portable one."""
     for module in list(model.modules()):
         packed = getattr(module, "packed", None)
-        if not isinstance(packed, PackedWeight) or packed.layout != "codes":
-            continue
+        if not isinstance(packed, PackedWeight) or packed.layout != "codes" or isinstance(module, PackedEmbedding):
+            continue  # a packed embedding gathers rows of its codes: it has no other layout
         transform = module.down.latent_transform if isinstance(module, PackedLatentUpProjection) else module.input_transform
         quantized = packed.quantized()
         layout = weight_layout(quantized, packed.bits, transform.bits, packed.activation_dtype)

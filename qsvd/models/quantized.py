@@ -42,13 +42,13 @@ class Target:
     """One layer whose weight (and input) the quantization stage quantizes."""
 
     name: str  # its module path in the model
-    part: str  # "lm", "vision" or "projector": they get their own activation clip ratios
-    kind: str  # "linear", "latent_down" (B, reading x; it also quantizes the latent) or "latent_up" (A_p)
+    part: str  # "lm", "vision", "projector" (their own activation clip ratios) or "vocabulary" (embeddings, lm_head)
+    kind: str  # "linear", "latent_down" (B, reading x; it also quantizes the latent), "latent_up" (A_p) or "embedding"
 
 
-def quantization_targets(model: nn.Module, family: ModelFamily, vision: bool) -> list[Target]:
-    """Every linear of the LM decoder layers (low-rank factors included), and with `vision` every linear
-    of the vision encoder layers and the projector. Embeddings and lm_head stay in full precision."""
+def quantization_targets(model: nn.Module, family: ModelFamily, vision: bool, vocabulary: bool = False) -> list[Target]:
+    """Every linear of the LM decoder layers (low-rank factors included), with `vision` every linear of the
+    vision encoder layers and the projector, and with `vocabulary` the LM's embedding table and lm_head."""
     roots = [(family.decoder_layers, "lm")]
     if vision:
         if not family.multimodal:
@@ -63,14 +63,16 @@ def quantization_targets(model: nn.Module, family: ModelFamily, vision: bool) ->
             )
             if kind is not None:
                 targets.append(Target(f"{root}.{name}" if name else root, part_name, kind))
+    if vocabulary:
+        targets += [Target(family.embeddings, "vocabulary", "embedding"), Target(family.lm_head, "vocabulary", "linear")]
     return targets
 
 
 def input_transforms(model: nn.Module, target: Target) -> list[tuple[str, InputTransform]]:
     """The activation quantizers that feed `target`'s matmuls, by role; nn.Linear targets become QuantizedLinear."""
     module = model.get_submodule(target.name)
-    if target.kind == "latent_up":
-        return []  # its input is the latent, quantized once by the shared down-projection's latent_transform
+    if target.kind in ("latent_up", "embedding"):
+        return []  # A_p's input is the latent, quantized once by the shared down-projection's latent_transform
     if target.kind == "latent_down":
         return [("input", module.input_transform), ("latent", module.latent_transform)]
     if not isinstance(module, QuantizedLinear):

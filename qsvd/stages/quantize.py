@@ -7,7 +7,9 @@ quantized (RTN with the clipping search, or GPTQ on Hessians of the calibration 
 actually sees, after its online rotation) and replaced by their dequantized values; the integer codes
 and scales are saved beside the checkpoint. Activations are fake-quantized per token at the input of
 every quantized linear, the low-rank latent included (the cache precision). Embeddings and lm_head
-stay in full precision. Every result of this stage is simulated quantization.
+stay in full precision unless `vocabulary_bits` is set: then both are quantized per row (RTN, symmetric; the
+head's input per token at the format's activation bits, at least 8). Every result of this stage is simulated
+quantization.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from qsvd.models.device import resolve_device
 from qsvd.resources import runs_within
 from qsvd.models.quantized import Target, input_transforms, quantization_targets
 from qsvd.models.registry import attention_shape, decoder_layers, family_by_name
-from qsvd.models.rotation import Rotations, latent_modules, rotate_language_model, rotate_latents, rotate_vision_tower
+from qsvd.models.rotation import (Rotations, latent_modules, rotate_language_model, rotate_latents, rotate_vision_tower,
+                                  untie_lm_head)
 from qsvd.stages.calibration import calibration_batches
 
 WEIGHT_METHODS = ("rtn", "gptq")
@@ -53,6 +56,7 @@ class QuantSpec:
     hessian_memory_gib: float = 4.0  # GPTQ Hessians held at once; more targets than fit take further calibration passes
     act_order: bool = False
     beta: float | None = None  # None: β chosen per layer (paper Eq. 14); a number: that β in every layer
+    vocabulary_bits: int | None = None  # None: embeddings and lm_head in full precision; else their weight bits
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,14 +68,31 @@ class QuantSpec:
             raise ValueError(f"act_bits must be in [2, 16] or None, got {self.act_bits}")
         if self.beta is not None and not 0 <= self.beta <= 1:
             raise ValueError(f"beta must be in [0, 1] (or None to choose it per layer), got {self.beta}")
+        if self.vocabulary_bits is not None and not 2 <= self.vocabulary_bits <= 8:
+            raise ValueError(f"vocabulary_bits must be in [2, 8] or None (full precision), got {self.vocabulary_bits}")
 
     def weight_format(self) -> WeightFormat:
         return WeightFormat(self.weight_bits, self.symmetric, self.group_size, self.clip_search)
 
+    def bits(self, target: Target) -> tuple[int | None, int | None]:
+        """(weight bits, input activation bits) of one target: the format's, or for the vocabulary layers
+        `vocabulary_bits` and, at lm_head's input, the format's activation bits but at least 8 (None: full precision)."""
+        if target.part != "vocabulary":
+            return self.weight_bits, self.act_bits
+        act = None if target.kind == "embedding" or self.act_bits is None else max(self.act_bits, 8)
+        return self.vocabulary_bits, act
+
+    def target_format(self, target: Target) -> WeightFormat:
+        """The vocabulary layers are quantized per row (symmetric): an embedding row is one token's vector."""
+        if target.part == "vocabulary":
+            return WeightFormat(self.vocabulary_bits, True, None, self.clip_search)
+        return self.weight_format()
+
     def label(self, lowrank: bool) -> str:
         """"W4A4"; "W4A4, fixed β 0.2" for a low-rank model at one fixed β; "… without rotations" (the ablation)."""
         beta = f", fixed β {self.beta:g}" if lowrank and self.beta is not None else ""
-        return f"W{self.weight_bits or 16}A{self.act_bits or 16}{beta}" + ("" if self.rotate else " without rotations")
+        vocabulary = f", {self.vocabulary_bits}-bit embeddings and lm_head" if self.vocabulary_bits else ""
+        return f"W{self.weight_bits or 16}A{self.act_bits or 16}{beta}{vocabulary}" + ("" if self.rotate else " without rotations")
 
 
 def run_quantize(
@@ -109,23 +130,28 @@ def run_quantize(
     betas = {}
     if set_beta:
         betas = _choose_betas(model, processor, adapter, data_dir, spec, sigmas, latent_rotations, base_manifest["beta"], device)
-    targets = quantization_targets(model, adapter, vision=spec.vision and adapter.multimodal)
+    if spec.vocabulary_bits:
+        untie_lm_head(model, adapter)  # two tables quantized on their own rows (rotated, they differ anyway)
+    targets = quantization_targets(model, adapter, vision=spec.vision and adapter.multimodal,
+                                   vocabulary=bool(spec.vocabulary_bits))
     transforms = {t.name: input_transforms(model, t) for t in targets}
     codes: dict[str, torch.Tensor] = {}  # as stored: packed codes, scales and zeros of every quantized weight
-    if spec.weight_bits is not None:
-        gptq = spec.weight_method == "gptq"
-        batches = hessian_batches(model, targets, int(spec.hessian_memory_gib * 2**30)) if gptq else [targets]
-        progress = tqdm(total=len(targets), desc=f"quantize weights ({spec.weight_method}, {spec.weight_bits} bits)")
-        for batch in batches:
-            hessians = _input_hessians(model, processor, adapter, batch, data_dir, device) if gptq else {}
-            for target in batch:
-                codes |= _quantize_weight(model, target, spec, hessians.pop(target.name, None))
-                progress.update()
-        progress.close()
+    weighted = [t for t in targets if spec.bits(t)[0] is not None]
+    gptq = spec.weight_method == "gptq"
+    by_gptq = [t for t in weighted if gptq and t.part != "vocabulary"]  # the vocabulary layers: always RTN
+    batches = hessian_batches(model, by_gptq, int(spec.hessian_memory_gib * 2**30)) if by_gptq else []
+    batches += [[t for t in weighted if t not in by_gptq]]
+    progress = tqdm(total=len(weighted), desc=f"quantize weights ({spec.weight_method}, {spec.weight_bits} bits)")
+    for batch in batches:
+        hessians = _input_hessians(model, processor, adapter, batch, data_dir, device) if batch and batch[0] in by_gptq else {}
+        for target in batch:
+            codes |= _quantize_weight(model, target, spec, hessians.pop(target.name, None))
+            progress.update()
+    progress.close()
     for target in targets:
-        clip = spec.lm_clip if target.part == "lm" else spec.vision_clip
+        clip = spec.vision_clip if target.part in ("vision", "projector") else spec.lm_clip
         for _, transform in transforms[target.name]:
-            transform.set_quantization(spec.act_bits, clip)
+            transform.set_quantization(spec.bits(target)[1], clip)
     layers = [_layer_record(model, target, transforms[target.name], spec) | betas.get(target.name, {}) for target in targets]
     manifest = provenance(QUANTIZED_STAGE, {"model_source": str(model_source), "family": family,
                                              "data_dir": None if data_dir is None else str(data_dir), **dataclasses.asdict(spec),
@@ -140,7 +166,8 @@ def run_quantize(
             "layers": layers,
             "full_precision": _full_precision(adapter, spec),
         },
-        cost=_quantized_cost(base_manifest.get("cost", {"R1": 1.0, "R2": 1.0}), spec) | _byte_figures(model, adapter, codes, spec, base_manifest),
+        cost=_quantized_cost(base_manifest.get("cost", {"R1": 1.0, "R2": 1.0}), spec) | _byte_figures(
+            model, adapter, codes, {t.name: spec.bits(t)[0] for t in weighted}, spec, base_manifest),
         layout=base_manifest.get("layout"),
         units=base_manifest.get("units", []),
     )
@@ -197,15 +224,15 @@ def _choose_betas(model, processor, family, data_dir: Path | None, spec: QuantSp
 
 def _quantize_weight(model, target: Target, spec: QuantSpec, hessian: torch.Tensor | None) -> dict[str, torch.Tensor]:
     module = model.get_submodule(target.name)
-    fmt = spec.weight_format()
+    fmt = spec.target_format(target)
     weight = module.weight.detach().float()  # one layer's float32 working copy
-    if spec.weight_method == "gptq":
+    if spec.weight_method == "gptq" and target.part != "vocabulary":
         quantized = quantize_gptq(weight, hessian, fmt, spec.gptq_damping, act_order=spec.act_order)
     else:
         quantized = quantize_rtn(weight, fmt)
     with torch.no_grad():
         module.weight.copy_(quantized.dequantize(module.weight.dtype))
-    return stored_codes(target.name, quantized, spec.weight_bits)
+    return stored_codes(target.name, quantized, fmt.bits)
 
 
 def _calibration_pass(model, processor, family, data_dir: Path, targets: list[Target], record, what: str, device) -> None:
@@ -263,7 +290,7 @@ def _input_hessians(model, processor, family, targets: list[Target], data_dir: P
 
 def _full_precision(family, spec: QuantSpec) -> list[str]:
     """The parts the quantized model keeps in full precision."""
-    kept = ["embeddings", "lm_head"]
+    kept = [] if spec.vocabulary_bits else ["embeddings", "lm_head"]
     if family.multimodal and not spec.vision:
         kept += ["vision tower", "projector"]
     elif family.multimodal:
@@ -274,11 +301,14 @@ def _full_precision(family, spec: QuantSpec) -> list[str]:
 def _layer_record(model, target: Target, transforms, spec: QuantSpec) -> dict:
     """What is quantized at one layer: weight bits and format (and how its codes are stored), each activation
     quantizer and rotation."""
+    weight_bits = spec.bits(target)[0]
+    method = "rtn" if target.part == "vocabulary" else spec.weight_method
     record = {"name": target.name, "part": target.part, "kind": target.kind,
-              "weight_bits": spec.weight_bits, "weight_method": spec.weight_method if spec.weight_bits else None}
-    if spec.weight_bits:
+              "weight_bits": weight_bits, "weight_method": method if weight_bits else None}
+    if weight_bits:
         columns = model.get_submodule(target.name).weight.shape[1]
-        record.update(weight_columns=columns, weight_group_size=spec.group_size or columns)
+        group = spec.target_format(target).group_size or columns
+        record.update(weight_columns=columns, weight_group_size=min(group, columns))  # wider groups: one per row
     for role, transform in transforms:
         record[f"{role}_bits"] = transform.bits
         record[f"{role}_clip"] = transform.clip_ratio if transform.bits else None
@@ -290,11 +320,12 @@ def _layer_record(model, target: Target, transforms, spec: QuantSpec) -> dict:
     return record
 
 
-def _byte_figures(model, family, codes: dict[str, torch.Tensor], spec: QuantSpec, base_manifest: dict) -> dict:
-    """Model bytes (integer codes + fp16 scales/zeros + everything else at fp16) and cache bytes per token
+def _byte_figures(model, family, codes: dict[str, torch.Tensor], bits: dict[str, int], spec: QuantSpec,
+                  base_manifest: dict) -> dict:
+    """Model bytes (integer codes at each layer's `bits` + fp16 scales/zeros + everything else at fp16) and cache bytes per token
     (cached elements at activation bits + one fp16 scale per cached vector per token)."""
     quantized = {name[: -len(".codes")] for name in codes if name.endswith(".codes")}
-    code_bytes = sum(model.get_submodule(name).weight.numel() * spec.weight_bits / 8 for name in quantized)
+    code_bytes = sum(model.get_submodule(name).weight.numel() * bits[name] / 8 for name in quantized)
     code_bytes += sum(t.numel() * 2 for name, t in codes.items() if not name.endswith(".codes"))
     other = sum(p.numel() for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized)
     shape = attention_shape(model)

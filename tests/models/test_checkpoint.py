@@ -178,7 +178,9 @@ def test_qsvd_from_pretrained_refuses_a_checkpoint_missing_a_tensor(tiny_model, 
         qsvd.from_pretrained(standalone)
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["lowrank", "W4A8"])
+@pytest.mark.parametrize("quantized", [None, QuantSpec(weight_bits=4, act_bits=8),
+                                       QuantSpec(weight_bits=4, act_bits=8, vocabulary_bits=8)],
+                         ids=["lowrank", "W4A8", "W4A8-vocabulary8"])
 @pytest.mark.parametrize("family_name", ["llava", "llama"])
 def test_automodel_from_pretrained_rebuilds_an_export_and_save_pretrained_round_trips(
     tiny_model, dataset, tmp_path, images, quantized, family_name  # noqa: F811
@@ -191,7 +193,7 @@ def test_automodel_from_pretrained_rebuilds_an_export_and_save_pretrained_round_
     family = family_by_name(family_name)
     path = _lowrank_checkpoint(family_name, model, processor, dataset, tmp_path)
     if quantized:
-        path = run_quantize(str(path), family_name, dataset, QuantSpec(weight_bits=4, act_bits=8), tmp_path / "quantized")
+        path = run_quantize(str(path), family_name, dataset, quantized, tmp_path / "quantized")
     exported = export_checkpoint(path, tmp_path / "export")
     auto = transformers.AutoModelForImageTextToText if family.multimodal else transformers.AutoModelForCausalLM
     loaded = auto.from_pretrained(exported)
@@ -210,3 +212,5 @@ def test_automodel_from_pretrained_rebuilds_an_export_and_save_pretrained_round_
         assert torch.equal(again.generate(**batch, max_new_tokens=6, do_sample=False), expected)
     if quantized:
         assert any(getattr(m, "kernel", None) == "int_mm" for m in again.modules())
+    if quantized and quantized.vocabulary_bits:
+        assert again.get_input_embeddings().kernel == "row gather" and again.lm_head.kernel == "int_mm"

@@ -12,6 +12,7 @@ from qsvd.models.checkpoint import QUANTIZED_WEIGHTS, load_checkpoint
 from qsvd.models.input_transform import InputTransform
 from qsvd.models.lowrank import LatentUpProjection, SharedDownProjection
 from qsvd.models.packed import (
+    PackedEmbedding,
     PackedLatentUpProjection,
     PackedLinear,
     PackedSharedDownProjection,
@@ -398,6 +399,44 @@ def test_a_dense_rotated_model_packs_too(saved_tiny_model, tmp_path):
     for handle in handles + packed_handles:
         handle.remove()
     flips = _activation_flips(layers, simulated_run, packed_run, packed)
+    assert difference < (1e-4 if flips == 0 else 1e-2), (difference, flips)
+    with torch.no_grad():
+        generate = dict(max_new_tokens=8, do_sample=False)
+        assert torch.equal(packed.generate(**batch, **generate), simulated.generate(**batch, **generate))
+
+
+@pytest.mark.parametrize(("bits", "rotate"), [(8, True), (4, False)], ids=["int8-rotated", "int4-tied"])
+def test_vocabulary_layers_pack_and_compute_the_simulated_logits(saved_tiny_model, tmp_path, bits, rotate):
+    """vocabulary_bits: the embedding table and lm_head (untied, also without rotations) held as per-row codes; the
+    head's input at 8 bits through `_int_mm`; the simulated logits and tokens."""
+    directory, _, processor = saved_tiny_model("llama", kv_heads=1)
+    family = family_by_name("llama")
+    spec = QuantSpec(weight_bits=8, act_bits=8, vocabulary_bits=bits, rotate=rotate, rotate_latent=rotate)
+    out = run_quantize(str(directory), "llama", None, spec, tmp_path / "vocabulary")
+    simulated, _, manifest = load_checkpoint(out)
+    packed, _, _ = load_checkpoint(out)
+    layers = {layer["name"]: layer for layer in manifest["quantization"]["layers"]}
+    assert layers[family.embeddings]["kind"] == "embedding" and layers[family.embeddings]["weight_bits"] == bits
+    assert layers[family.lm_head]["input_bits"] == 8 and "embeddings" not in manifest["quantization"]["full_precision"]
+    assert not simulated.config.tie_word_embeddings
+    dense_bytes = _as_float32_bytes(packed)
+    pack_model(packed, family, manifest["quantization"], load_file(str(out / QUANTIZED_WEIGHTS)))
+    embedding, head = packed.get_submodule(family.embeddings), packed.get_submodule(family.lm_head)
+    assert isinstance(embedding, PackedEmbedding) and isinstance(head, PackedLinear) and head.kernel == "int_mm"
+    assert not any(p.dtype.is_floating_point and p.numel() >= embedding.num_embeddings for p in packed.parameters())
+    ids = torch.arange(embedding.num_embeddings).view(2, -1)
+    torch.testing.assert_close(embedding(ids), simulated.get_submodule(family.embeddings)(ids), rtol=0, atol=0)
+    print(f"vocabulary {bits} bits: resident {_resident_bytes(packed) / dense_bytes:.3f} of float32")
+    assert _resident_bytes(packed) < {8: 0.35, 4: 0.25}[bits] * dense_bytes
+    batch = encode_prompt(processor, family, "the state of the union is", None)
+    names = list(layers)
+    simulated_run, handles = _record(simulated, names)
+    packed_run, packed_handles = _record(packed, names)
+    with torch.no_grad():
+        difference = _relative(packed(**batch).logits, simulated(**batch).logits)
+    for handle in handles + packed_handles:
+        handle.remove()
+    flips = _activation_flips([layers[n] for n in names if layers[n]["kind"] != "embedding"], simulated_run, packed_run, packed)
     assert difference < (1e-4 if flips == 0 else 1e-2), (difference, flips)
     with torch.no_grad():
         generate = dict(max_new_tokens=8, do_sample=False)

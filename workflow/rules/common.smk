@@ -4,7 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
-from qsvd.config import ConfigError, load_config
+from qsvd.config import ConfigError, load_config, number_key
 from qsvd.methods import method_by_name
 from qsvd.preflight import preflight
 from qsvd.stages import STAGE_VERSIONS
@@ -131,7 +131,7 @@ def eval_labels(method=None, budget=None):
         labels.update(budget="full", budget_kind="none", budget_value=1.0)
     else:
         labels.update(
-            budget=f"{CFG.rank.budget_kind}={budget:g}",
+            budget=f"{CFG.rank.budget_kind}={number_key(budget)}",
             budget_kind=CFG.rank.budget_kind,
             budget_value=budget,
             allocation=method.allocation,
@@ -155,7 +155,7 @@ def quant_spec(wildcards):
     weight_bits, act_bits = QUANT.bits(setting.fmt)
     spec = dict(weight_bits=weight_bits, act_bits=act_bits, weight_method=QUANT.weight_method, group_size=QUANT.group_size,
                 lm_clip=QUANT.lm_clip, vision_clip=QUANT.vision_clip, rotate=setting.rotate, rotate_latent=setting.rotate,
-                vision=QUANT.vision, beta=setting.beta, seed=setting.seed)
+                vision=QUANT.vision, beta=setting.beta, vocabulary_bits=QUANT.vocabulary_bits, seed=setting.seed)
     return json.dumps(spec, sort_keys=True)
 
 
