@@ -41,10 +41,10 @@ class SharedDownProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = self._last_input() if self._last_input is not None else None
-        if last is x and self._last_latent is not None and last._version == self._last_version:
+        if last is x and self._last_latent is not None and _version(last) == self._last_version:
             return self._last_latent
         latent, self.last_codes = self.compute_latent(x)
-        self._last_input, self._last_version, self._last_latent = weakref.ref(x), x._version, latent
+        self._last_input, self._last_version, self._last_latent = weakref.ref(x), _version(x), latent
         self.latent_computations += 1
         return latent
 
@@ -68,6 +68,12 @@ class SharedDownProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}"
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place version counter; None for an inference-mode tensor, which has none (the memo then trusts the
+    tensor's identity: released after every attention forward, it only spans one layer's q/k/v projections)."""
+    return None if x.is_inference() else x._version
 
 
 class LatentUpProjection(nn.Module):

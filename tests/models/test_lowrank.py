@@ -57,6 +57,18 @@ def test_full_rank_lowrank_attention_equals_dense_and_computes_latent_once():
     assert down._last_latent is None  # released after the attention forward
 
 
+def test_under_inference_mode_the_latent_is_computed_once_too():
+    """Inference-mode tensors carry no version counter: the memo still serves q, k and v from one latent."""
+    torch.manual_seed(0)
+    attention = ToyAttention().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    expected = attention(x)
+    down = _lowrank_copy(attention, rank=16)
+    with torch.inference_mode():
+        torch.testing.assert_close(attention(x), expected)
+    assert down.latent_computations == 1 and down._last_latent is None
+
+
 def test_state_dict_holds_the_shared_factor_once():
     attention = ToyAttention().double()
     _lowrank_copy(attention, rank=4)
