@@ -71,7 +71,8 @@ def _importance(a):
     from qsvd.stages.importance import run_importance
 
     run_importance(a.model, a.family, a.decomposition, a.data, a.out, dtype=DTYPES[a.dtype], device=a.device,
-                   factor_memory_gib=a.factor_memory_gib, gradient_checkpointing=a.gradient_checkpointing)
+                   factor_memory_gib=a.factor_memory_gib, gradient_checkpointing=a.gradient_checkpointing,
+                   fisher=a.fisher)
 
 
 def _rank_plan(a):
@@ -223,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decomposition", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--factor-memory-gib", type=float, default=4.0,
-                   help="U and V held at once; more units take further passes over the calibration samples")
+                   help="U and V (with --fisher also the summed squared gradients) held at once; more units take "
+                   "further passes over the calibration samples")
+    p.add_argument("--fisher", action="store_true",
+                   help="also store each unit's Fisher information (for the fisher allocation, joint-fib)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each LM decoder layer in the backward instead of storing its activations "
                    "(less memory, one more forward per layer, the same scores)")

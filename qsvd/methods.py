@@ -18,7 +18,10 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 TRANSFORMS = ("scale", "whiten")  # diag(s) from abs statistics (svd.scaling), or SVD-LLM's whitening
 SCALINGS = ("abs_mean", "abs_max", "none")
 INPUT_TRANSFORMS = (*SCALINGS, "whiten")  # what the decompose stage applies
-ALLOCATIONS = ("importance", "uniform")
+ALLOCATIONS = ("importance", "fisher", "uniform")
+# The allocations that read the importance stage's output: its per-singular-value scores, or its per-unit Fisher
+# information (both from the same per-sample gradients of the q/k/v weights).
+GRADIENT_ALLOCATIONS = ("importance", "fisher")
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,18 @@ class Method:
     allocation: str
     summary: str
 
+    @property
+    def reads_importance(self) -> bool:
+        """Whether the rank plan needs the importance stage's output."""
+        return self.allocation in GRADIENT_ALLOCATIONS
+
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("qsvd", "joint", "scale", "importance", "joint QKV, activation scaling, gradient rank allocation"),
         Method("joint-uniform", "joint", "scale", "uniform", "joint QKV, the same rank in every layer"),
+        Method("joint-fib", "joint", "scale", "fisher", "joint QKV, per-layer ranks in proportion to Fisher information (Palu's FIB)"),
         Method("separate", "separate", "scale", "importance", "Q, K, V decomposed separately, gradient allocation"),
         Method("asvd", "kv", "scale", "uniform", "ASVD: K and V separately at rank r, Q dense"),
         Method("svd-llm", "kv", "whiten", "uniform", "SVD-LLM whitening, K and V separately, Q dense"),

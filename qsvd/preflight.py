@@ -27,7 +27,8 @@ from qsvd.methods import method_by_name
 # tests/test_preflight.py checks these against it).
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
 # The splits of the hub datasets that can be scored (a local copy may hold others: its own listing is checked).
-HUB_SPLITS = {"scienceqa-img": ("train", "validation", "test"), "vizwiz": ("val",)}  # VizWiz's test has no answers
+HUB_SPLITS = {"scienceqa-img": ("train", "validation", "test"), "seedbench-img": ("test",),  # SEED-Bench has one
+              "vizwiz": ("val",)}  # VizWiz's test has no answers
 BUDGET_TOLERANCE = 1e-9
 
 

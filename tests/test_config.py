@@ -72,6 +72,9 @@ def test_defaults_and_cache_keys():
     assert config.calibration.key == "easy-vqa-train-n8-s0"
     assert config.rank.key(0.8, METHODS["qsvd"]) == "importance-R10.8-min1"
     assert config.rank.key(0.8, METHODS["asvd"]) == "uniform-R10.8-min1"
+    # FIB shares qsvd's decomposition and so its importance stage, whose gradients give the Fisher information
+    assert config.svd.key(METHODS["joint-fib"]) == "joint-abs_mean-a0.5" and METHODS["joint-fib"].reads_importance
+    assert config.rank.key(0.8, METHODS["joint-fib"]) == "fisher-R10.8-min1"
     assert config.factors.key == "beta0.2"
 
 

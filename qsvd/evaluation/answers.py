@@ -1,12 +1,20 @@
-"""Answer extraction and scoring: option letters (ScienceQA), VQA accuracy (VizWiz), first word (easy-vqa)."""
+"""Answer extraction and scoring: option letters (ScienceQA, SEED-Bench), VQA accuracy (VizWiz), first word (easy-vqa).
+
+Multiple-choice answers are scored twice. `score_prediction` extracts the letter leniently (`extract_choice_letter`:
+"(A)", "b)", "The answer is C" count); `strict_choice_score` applies the rule lmms-eval itself scores the task by, so
+that a result can be set beside published lmms-eval numbers. Both read only the generated text and the gold letter,
+so the strict score is recomputed from a result's saved predictions (`strict_accuracy`).
+"""
 
 from __future__ import annotations
 
 import re
+import statistics
 
 from qsvd.data.records import OPTION_LETTERS, Record
 
-TASKS = ("easy-vqa", "scienceqa-img", "vizwiz")
+MULTIPLE_CHOICE = ("scienceqa-img", "seedbench-img")  # scored by the option letter
+TASKS = ("easy-vqa", *MULTIPLE_CHOICE, "vizwiz")
 
 # ---- The official VQA normalisation (VQA API's vqaEval.py: processPunctuation, processDigitArticle) ----
 _CONTRACTIONS = {
@@ -130,20 +138,60 @@ def extract_choice_letter(text: str, num_choices: int) -> str | None:
     return in_parentheses.pop() if len(in_parentheses) == 1 else None
 
 
+# ---- lmms-eval's own rules (lmms_eval/tasks/scienceqa/utils.py sqa_process_results as fixed by PR #723, commit
+# 8ada805, in 0.7.3; lmms_eval/tasks/seedbench/utils.py seed_process_result) ----
+def _scienceqa_strict(generated: str, gold: str) -> float:
+    """The stripped text is the letter (any case), or starts with an upper-case letter and "." and that letter is
+    the gold one ("A", "a", "A.", "A. cat"); anything else scores 0 ("(A)", "A cat", "The answer is A")."""
+    prediction = generated.strip()
+    if prediction.lower() == gold.lower():
+        return 1.0
+    if len(prediction) >= 2 and prediction[0].isupper() and prediction[1] == ".":
+        return float(prediction[0].lower() == gold.lower())
+    return 0.0
+
+
+def _seedbench_strict(generated: str, gold: str) -> float:
+    """The first character of the stripped text is the gold letter, case-sensitive ("A", "A.", "Apple" for A)."""
+    prediction = generated.strip()
+    return float(prediction[:1] == gold)
+
+
+STRICT_RULES = {"scienceqa-img": _scienceqa_strict, "seedbench-img": _seedbench_strict}
+STRICT_RULE_SUMMARIES = {
+    "scienceqa-img": 'the answer must be the letter, or start with the upper-case letter and "."',
+    "seedbench-img": "the first character of the answer must be the upper-case letter",
+}
+
+
+def strict_choice_score(task: str, generated: str, gold: str) -> float:
+    """Score of one generated text by lmms-eval's rule for `task` (one of STRICT_RULES)."""
+    if task not in STRICT_RULES:
+        raise ValueError(f"no lmms-eval rule for task {task!r}; tasks with one: {', '.join(STRICT_RULES)}")
+    return STRICT_RULES[task](generated, gold)
+
+
+def strict_accuracy(task: str, predictions: list[dict]) -> float:
+    """Mean `strict_choice_score` over saved predictions (their `generated` and `gold` fields)."""
+    if not predictions:
+        raise ValueError(f"no predictions to score for task {task!r}")
+    return statistics.fmean(strict_choice_score(task, p["generated"], p["gold"]) for p in predictions)
+
+
 def score_prediction(task: str, prediction: str, record: Record) -> tuple[str, float]:
     """(extracted answer, score in [0, 1]) of one generated text for `task` (one of TASKS).
 
     easy-vqa: the first word of the normalised prediction must equal the gold answer;
-    scienceqa-img: the extracted option letter ("" when none) must equal the gold letter;
+    scienceqa-img, seedbench-img: the extracted option letter ("" when none) must equal the gold letter;
     vizwiz: VQA accuracy of the normalised prediction against the human answers.
     """
     if task == "easy-vqa":
         words = normalize_vqa_answer(prediction).split()
         extracted = words[0] if words else ""
         return extracted, float(extracted == normalize_vqa_answer(record.answer))
-    if task == "scienceqa-img":
+    if task in MULTIPLE_CHOICE:
         if not record.choices:
-            raise ValueError(f"record {record.id} of task scienceqa-img has no choices: re-run the data stage")
+            raise ValueError(f"record {record.id} of task {task} has no choices: re-run the data stage")
         letter = extract_choice_letter(prediction, len(record.choices)) or ""
         return letter, float(letter == record.answer)
     if task == "vizwiz":

@@ -17,7 +17,7 @@ STAGE_VERSIONS = {
     "lowrank_model": 3,
     "quantize": 4,
     "evaluate": 1,
-    "report": 1,
+    "report": 2,
     "benchmark": 1,
     "benchmark_report": 1,
 }

@@ -22,6 +22,7 @@ from qsvd.artefacts import FILES, atomic_write, file_records, provenance, write_
 from qsvd.data.records import read_records
 from qsvd.evaluation.answers import score_prediction
 from qsvd.evaluation.perplexity import perplexity, sequence_nlls
+from qsvd.evaluation.predictions import predictions_path
 from qsvd.models.checkpoint import open_checkpoint
 from qsvd.models.prompts import (
     FORWARD_PADDING,
@@ -34,7 +35,7 @@ from qsvd.models.prompts import (
 )
 from qsvd.models.registry import family_by_name
 
-METRICS = {"easy-vqa": "accuracy", "scienceqa-img": "accuracy", "vizwiz": "vqa_accuracy"}
+METRICS = {"easy-vqa": "accuracy", "scienceqa-img": "accuracy", "seedbench-img": "accuracy", "vizwiz": "vqa_accuracy"}
 PERPLEXITY = "perplexity"  # the metric of every text corpus (lower is better)
 
 
@@ -97,12 +98,12 @@ def run_evaluate(
         score=score,
         num_samples=len(predictions),
         quantization=f"{quantization['label']} (simulated quantization)" if quantization else "none (full precision)",
-        predictions=Path(out_path).with_suffix(".predictions.jsonl").name,
+        predictions=predictions_path(out_path).name,
     )
     lines = "".join(json.dumps(p) + "\n" for p in predictions)
-    predictions_path = Path(out_path).with_suffix(".predictions.jsonl")
-    atomic_write(predictions_path, lambda tmp: tmp.write_text(lines))
-    result[FILES] = file_records(predictions_path.parent, [predictions_path.name])  # checked by read_json
+    saved = predictions_path(out_path)
+    atomic_write(saved, lambda tmp: tmp.write_text(lines))
+    result[FILES] = file_records(saved.parent, [saved.name])  # checked by read_json
     write_json(out_path, result)
     return Path(out_path)
 

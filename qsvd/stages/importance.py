@@ -3,8 +3,11 @@
 Answer-only cross-entropy per calibration sample (labels unshifted: the model shifts once);
 g_{n,i} = u_iᵀ G̃_n v_i with G̃ = G T⁻ᵀ (T = diag(s), or S for whitening);
 I_{u,i} = σ_i² · mean_n g_{n,i}², in float32. Scores do not depend on the budget: one file serves
-every rank ratio. With gradient checkpointing the LM decoder layers' activations are recomputed in the
-backward instead of stored: less memory, one more forward per layer, the same scores up to float rounding.
+every rank ratio. The same per-sample gradients G_n of each unit's stacked weight give its Fisher
+information, Palu's layer-level F_u = mean_jk sqrt(mean_n G_{n,jk}²) (`qsvd.math.allocate.fisher_information`),
+one number per unit that the "fisher" allocation apportions ranks by. With gradient checkpointing the LM
+decoder layers' activations are recomputed in the backward instead of stored: less memory, one more forward
+per layer, the same scores up to float rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from qsvd.artefacts import clean_stale_temporaries, provenance, write_artefact
-from qsvd.math.allocate import importance
+from qsvd.math.allocate import fisher_information, importance
 from qsvd.math.decompose import scaled_gradient_projection
 from qsvd.models.checkpoint import open_model
 from qsvd.models.device import resolve_device
@@ -31,13 +34,14 @@ from qsvd.stages.calibration import calibration_batches, count_records
 from qsvd.stages.decompose import Decomposition, read_decomposition
 
 
-def unit_passes(decomposition: Decomposition, limit_bytes: int) -> list[list[int]]:
-    """Unit indices cut into runs whose float64 U and V fit in `limit_bytes` (a larger unit alone): each run is one
-    pass over the calibration samples, so that only its factors are held at once."""
+def unit_passes(decomposition: Decomposition, limit_bytes: int, fisher: bool = False) -> list[list[int]]:
+    """Unit indices cut into runs whose float64 U and V (with `fisher`, and float32 sum of squared gradients, rows ×
+    columns) fit in `limit_bytes` (a larger unit alone): each run is one pass over the calibration samples, so that
+    only its factors and sums are held at once."""
     sizes = []
     for unit in decomposition.units:
-        rows, columns = unit.shape.out(unit.group), unit.shape.hidden_size
-        sizes.append(8 * (rows + columns) * min(rows, columns))
+        rows, columns = unit.out_features, unit.shape.hidden_size
+        sizes.append(8 * (rows + columns) * min(rows, columns) + (4 * rows * columns if fisher else 0))
     return runs_within(sizes, limit_bytes)
 
 
@@ -78,13 +82,17 @@ def run_importance(
     device: torch.device | str | None = "cpu",
     factor_memory_gib: float = 4.0,
     gradient_checkpointing: bool = False,
+    fisher: bool = False,
 ) -> Path:
-    """Accumulate mean_n g_{n,i}² over calibration samples and store the importance per unit.
+    """Accumulate mean_n g_{n,i}² (and with `fisher` Σ_n G_n²) over calibration samples; store the importance (and
+    the Fisher information) per unit. The Fisher sums hold a float32 copy of every unit's weight: only the fisher
+    allocation reads them, so they are computed only when asked for.
 
     The model stays in `dtype` on `device` (in eval mode) with gradients only on the q/k/v weights; the projections
-    g = u_iᵀ G̃ v_i are computed in float64. At most `factor_memory_gib` of U and V are held at once; more
-    units than fit take further passes over the calibration samples. `gradient_checkpointing` recomputes each LM
-    decoder layer in the backward instead of storing its activations (`recomputed_in_backward`)."""
+    g = u_iᵀ G̃ v_i are computed in float64, the squared gradients summed in float32. At most `factor_memory_gib` of
+    U, V and those sums are held at once; more units than fit take further passes over the calibration samples.
+    `gradient_checkpointing` recomputes each LM decoder layer in the backward instead of storing its activations
+    (`recomputed_in_backward`)."""
     device = resolve_device(device)
     clean_stale_temporaries(out_dir)  # what a killed earlier run left beside the output
     model, processor = open_model(model_source, family, dtype, device)
@@ -96,9 +104,12 @@ def run_importance(
     model.requires_grad_(False)
     unit_projections = [group_projections(layers[u.layer], adapter, u.group) for u in decomposition.units]
     grad_sq_sum = [torch.zeros_like(sigma, device=device) for sigma in decomposition.sigmas]
+    information = [None] * len(decomposition.units)
     samples = 0
-    for indices in unit_passes(decomposition, int(factor_memory_gib * 2**30)):
+    for indices in unit_passes(decomposition, int(factor_memory_gib * 2**30), fisher):
         svds = {i: decomposition.svd(i, device) for i in indices}
+        weight_grad_sq_sum = {i: torch.zeros(decomposition.units[i].out_features, decomposition.units[i].shape.hidden_size,
+                                             device=device) for i in indices} if fisher else {}
         for i in indices:
             for projection in unit_projections[i]:
                 projection.weight.requires_grad_(True)
@@ -115,24 +126,30 @@ def run_importance(
                 for i in indices:
                     grad = torch.cat([p.weight.grad for p in unit_projections[i]])
                     grad_sq_sum[i] += scaled_gradient_projection(svds[i], grad).pow(2)
+                    if fisher:
+                        weight_grad_sq_sum[i] += grad.float().pow(2)
                 samples += 1
         for i in indices:
+            if fisher and samples:
+                information[i] = fisher_information(weight_grad_sq_sum[i], samples)
             for projection in unit_projections[i]:
                 projection.weight.requires_grad_(False)
                 projection.weight.grad = None
-        del svds
+        del svds, weight_grad_sq_sum
     if samples == 0:
         raise ValueError(f"no calibration samples in {data_dir}")
     tensors = {}
-    for unit, sigma, total in zip(decomposition.units, decomposition.sigmas, grad_sq_sum):
+    for unit, sigma, total, unit_fisher in zip(decomposition.units, decomposition.sigmas, grad_sq_sum, information):
         mean = (total / samples).cpu()
         tensors[f"{unit.name}.importance"] = importance(sigma, mean)
         tensors[f"{unit.name}.grad_sq_mean"] = mean.float()
+        if unit_fisher is not None:
+            tensors[f"{unit.name}.fisher"] = torch.tensor(unit_fisher, dtype=torch.float64)
     manifest = provenance(
         "importance",
         {"model_source": str(model_source), "family": family, "decomposition_dir": str(decomposition_dir),
          "data_dir": str(data_dir), "dtype": str(dtype), "device": str(device),
-         "gradient_checkpointing": gradient_checkpointing},
+         "gradient_checkpointing": gradient_checkpointing, "fisher": fisher},
     )
     manifest["samples"] = samples
     return write_artefact(out_dir, tensors, manifest)

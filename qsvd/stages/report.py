@@ -1,9 +1,12 @@
 """Stage 9 (report): one tidy CSV of every result, markdown tables (methods × budgets) and trade-off plots.
 
-Reads only the evaluate stage's result JSON files (the inference benchmark's tables and plots are
-qsvd.stages.benchmark_report's, a rule of their own). Accuracy scores are in [0, 1] in the CSV and in
-percent in the tables and plots; perplexity (lower is better) is shown as it is. R1 (parameter/FLOP
-share of QKV) and R2 (KV-cache share) are in [0, 1] in the CSV and in percent elsewhere.
+Reads only the evaluate stage's result JSON files and the predictions saved beside them (the inference
+benchmark's tables and plots are qsvd.stages.benchmark_report's, a rule of their own). Accuracy scores are
+in [0, 1] in the CSV and in percent in the tables and plots; perplexity (lower is better) is shown as it
+is. R1 (parameter/FLOP share of QKV) and R2 (KV-cache share) are in [0, 1] in the CSV and in percent
+elsewhere. Multiple-choice tasks (ScienceQA-IMG, SEED-Bench-IMG) are scored twice: `score` by qsvd's
+lenient letter extraction, `strict_score` by lmms-eval's own rule, recomputed from the saved predictions
+(qsvd.evaluation.predictions); the tables show both, and how far apart they are.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from qsvd.artefacts import atomic_write, read_json
+from qsvd.evaluation.answers import STRICT_RULE_SUMMARIES
+from qsvd.evaluation.predictions import strict_score
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,8 @@ NUMERIC = ("R1", "R2", "score")
 # Labels of quantized results, absent from others: format, β ("per layer" or a number), rotations, and
 # "beta" for the β-ablation settings, which get their own table (paper Table 4) instead of the main ones.
 OPTIONAL_COLUMNS = ("quant_format", "quant_beta", "rotate", "ablation")
+# Recomputed here from the saved predictions, empty where the task has no such rule: lmms-eval's score.
+DERIVED_COLUMNS = ("strict_score",)
 UNCOMPRESSED = "uncompressed"
 LOWER_IS_BETTER = ("perplexity",)  # metrics shown as they are; every other metric is a share, shown in %
 
@@ -54,6 +61,8 @@ def read_results(result_files: list[Path]) -> list[dict]:
             if isinstance(result[key], bool) or not isinstance(result[key], (int, float)):
                 raise ValueError(f"result file {path}: {key!r} must be a number, got {result[key]!r}")
         row = {key: result[key] for key in COLUMNS} | {key: result.get(key, "") for key in OPTIONAL_COLUMNS}
+        strict = strict_score(path, result)
+        row["strict_score"] = "" if strict is None else strict
         identity = tuple(str(row[k]) for k in ("model", "task", "method", "quantization", "budget", "seed"))
         if identity in origin:
             raise ValueError(f"result files {origin[identity]} and {path} are the same run (model, task, method, quantization, budget, seed)")
@@ -88,9 +97,9 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _cell(rows: list[dict]) -> str:
+def _cell(rows: list[dict], key: str = "score") -> str:
     """'score (R1/R2)', R1 and R2 in percent; 'mean ± std' over seeds when there are several."""
-    mean, std = _mean_std([_scale(r["metric"]) * r["score"] for r in rows])
+    mean, std = _mean_std([_scale(r["metric"]) * r[key] for r in rows])
     score = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
     r1, r2 = (statistics.fmean(100 * r[k] for r in rows) for k in ("R1", "R2"))
     return f"{score} ({r1:.1f}/{r2:.1f})"
@@ -101,26 +110,49 @@ def markdown_tables(rows: list[dict]) -> str:
     parts = ["# Results\n"]
     for (model, task), everything in _groups(rows).items():
         group = _main(everything)
-        several = len({r["quantization"] for r in group}) > 1
         budgets = list(dict.fromkeys(r["budget"] for r in sorted(group, key=_budget_order)))
-        labels = list(dict.fromkeys(_series_label(r, several) for r in group))
-        cells: dict[tuple, list[dict]] = defaultdict(list)
-        for r in group:
-            cells[(_series_label(r, several), r["budget"])].append(r)
         parts.append(f"## {model}: {task} ({_metric_label(group[0]['metric'])})\n")
-        parts.append("| method | " + " | ".join(map(str, budgets)) + " |")
-        parts.append("|---" * (len(budgets) + 1) + "|")
-        for label in labels:
-            parts.append(f"| {label} | " + " | ".join(_cell(cells[(label, b)]) if cells[(label, b)] else "" for b in budgets) + " |")
+        parts.extend(_method_budget_table(group, budgets, "score"))
         seeds = sorted({str(r["seed"]) for r in group})
         quantizations = sorted({str(r["quantization"]) for r in group})
         parts.append(
             f"\nCells: score (R1 % / R2 %), mean ± sample std where several seeds. "
             f"Seeds: {', '.join(seeds)}. Quantization: {'; '.join(quantizations)}.\n"
         )
+        parts.extend(_strict_table(model, task, group, budgets))
         parts.extend(_precision_tables(model, task, group, budgets))
         parts.extend(_beta_tables(model, task, everything, budgets))
     return "\n".join(parts)
+
+
+def _method_budget_table(group: list[dict], budgets: list[str], key: str) -> list[str]:
+    """Methods as rows (one per quantization where several), budgets as columns, cells `_cell` of `key`."""
+    several = len({r["quantization"] for r in group}) > 1
+    labels = list(dict.fromkeys(_series_label(r, several) for r in group))
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in group:
+        cells[(_series_label(r, several), r["budget"])].append(r)
+    lines = ["| method | " + " | ".join(map(str, budgets)) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(_cell(cells[(label, b)], key) if cells[(label, b)] else "" for b in budgets) + " |")
+    return lines
+
+
+def _strict_table(model: str, task: str, group: list[dict], budgets: list[str]) -> list[str]:
+    """The same table scored by lmms-eval's rule, and how far the lenient scores lie above it (points)."""
+    if any(r["strict_score"] == "" for r in group):
+        return []
+    gaps = [(100 * (r["score"] - r["strict_score"]), r) for r in group]
+    mean_gap = statistics.fmean(g for g, _ in gaps)
+    widest, at = max(gaps, key=lambda gap: abs(gap[0]))
+    parts = [f"### {model}: {task}, scored by lmms-eval's rule ({_metric_label(group[0]['metric'])})\n"]
+    parts.extend(_method_budget_table(group, budgets, "strict_score"))
+    parts.append(
+        f"\nThe same generations, scored by lmms-eval's parser for {task} ({STRICT_RULE_SUMMARIES[task]}) instead of "
+        f"qsvd's lenient letter extraction; prompts and generation are qsvd's. Lenient minus strict: {mean_gap:.2f} points on average over "
+        f"{len(gaps)} results, the largest difference {widest:+.2f} ({at['method']}, {at['budget']}, {at['quantization']}).\n"
+    )
+    return parts
 
 
 def _main(rows: list[dict]) -> list[dict]:
@@ -176,7 +208,7 @@ def _precision_tables(model: str, task: str, group: list[dict], budgets: list[st
 
 def tidy_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS + list(OPTIONAL_COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS + list(OPTIONAL_COLUMNS) + list(DERIVED_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

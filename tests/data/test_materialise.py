@@ -22,7 +22,7 @@ SCIENCEQA_FEATURES = datasets.Features(
 )
 
 
-def _scienceqa_rows() -> datasets.Dataset:
+def scienceqa_rows() -> datasets.Dataset:
     """Four rows in derek-thomas/ScienceQA's schema; row 1 has no image (not in the IMG subset)."""
     red, blue = Image.new("RGB", (8, 6), "red"), Image.new("RGBA", (5, 5), (0, 0, 255, 128))
     rows = {
@@ -47,6 +47,44 @@ def _vizwiz_rows() -> datasets.Dataset:
         "category": ["unanswerable", "other"],
     }
     return datasets.Dataset.from_dict(rows)
+
+
+SEEDBENCH_FEATURES = datasets.Features(
+    {
+        "answer": datasets.Value("string"),
+        "choice_a": datasets.Value("string"),
+        "choice_b": datasets.Value("string"),
+        "choice_c": datasets.Value("string"),
+        "choice_d": datasets.Value("string"),
+        "data_id": datasets.Value("string"),
+        "data_type": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "question_id": datasets.Value("string"),
+        "question_type_id": datasets.Value("int16"),
+        "image": datasets.Sequence(datasets.Image()),
+        "segment": datasets.Sequence(datasets.Value("int64")),
+    }
+)
+
+
+def seedbench_rows() -> datasets.Dataset:
+    """Four rows in lmms-lab/SEED-Bench's schema: three image questions and one video question (three frames)."""
+    frame = Image.new("RGB", (6, 4), "white")
+    rows = {
+        "answer": ["B", "A", "D", "D"],
+        "choice_a": ["a cat", "red", "one", "opens a door"],
+        "choice_b": ["a dog", "blue", "two", "closes a door"],
+        "choice_c": ["a fish", "green", "three", "sits down"],
+        "choice_d": ["a bird", "black", "four", "waves"],
+        "data_id": ["1.jpg", "2.jpg", "3.jpg", "v1.mp4"],
+        "data_type": ["image", "image", "image", "video"],
+        "question": ["Which animal is shown?", "What colour is the car?", "How many cups are there?", "What does the man do?"],
+        "question_id": ["101", "102", "103", "9001"],
+        "question_type_id": [1, 2, 3, 10],
+        "image": [[Image.new("RGB", (8, 6), "brown")], [Image.new("RGB", (5, 5), "blue")], [Image.new("L", (7, 3), 90)], [frame] * 3],
+        "segment": [[], [], [], [0, 40]],
+    }
+    return datasets.Dataset.from_dict(rows, features=SEEDBENCH_FEATURES)
 
 
 def test_seeded_subset_is_deterministic_sorted_and_seed_dependent():
@@ -90,11 +128,11 @@ def test_rerun_replaces_the_output_and_removes_a_stale_temporary(tmp_path):
 def test_scienceqa_from_local_directory_keeps_only_image_questions(tmp_path, layout):
     local = tmp_path / "sqa"
     if layout == "save_to_disk":
-        datasets.DatasetDict({"test": _scienceqa_rows()}).save_to_disk(str(local))
+        datasets.DatasetDict({"test": scienceqa_rows()}).save_to_disk(str(local))
     else:  # the hub repository's own layout
         (local / "data").mkdir(parents=True)
-        _scienceqa_rows().to_parquet(str(local / "data" / "test-00000-of-00001.parquet"))
-        _scienceqa_rows().select([0]).to_parquet(str(local / "data" / "train-00000-of-00001.parquet"))
+        scienceqa_rows().to_parquet(str(local / "data" / "test-00000-of-00001.parquet"))
+        scienceqa_rows().select([0]).to_parquet(str(local / "data" / "train-00000-of-00001.parquet"))
     manifest = materialise_dataset("scienceqa-img", "test", None, 0, tmp_path / "out", local)
     records = read_records(tmp_path / "out")
     assert manifest["available"] == 3 and manifest["samples"] == 3 and manifest["source"] == str(local)
@@ -112,7 +150,7 @@ def test_scienceqa_from_local_directory_keeps_only_image_questions(tmp_path, lay
 
 
 def test_scienceqa_subset_is_drawn_among_image_questions(tmp_path):
-    datasets.DatasetDict({"train": _scienceqa_rows()}).save_to_disk(str(tmp_path / "sqa"))
+    datasets.DatasetDict({"train": scienceqa_rows()}).save_to_disk(str(tmp_path / "sqa"))
     materialise_dataset("scienceqa-img", "train", 2, 5, tmp_path / "a", tmp_path / "sqa")
     materialise_dataset("scienceqa-img", "train", 2, 5, tmp_path / "b", tmp_path / "sqa")
     ids = [r.id for r in read_records(tmp_path / "a")]
@@ -122,6 +160,44 @@ def test_scienceqa_subset_is_drawn_among_image_questions(tmp_path):
         materialise_dataset("scienceqa-img", "train", 4, 5, tmp_path / "c", tmp_path / "sqa")
     with pytest.raises(ValueError, match=r"splits \['train'\], not 'test' \(key: split\)"):
         materialise_dataset("scienceqa-img", "test", 1, 5, tmp_path / "c", tmp_path / "sqa")
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet_snapshot"])
+def test_seedbench_from_local_directory_keeps_only_image_questions(tmp_path, layout):
+    local = tmp_path / "seed"
+    if layout == "save_to_disk":
+        datasets.DatasetDict({"test": seedbench_rows()}).save_to_disk(str(local))
+    else:  # the hub repository's own layout
+        (local / "data").mkdir(parents=True)
+        seedbench_rows().to_parquet(str(local / "data" / "test-00000-of-00001.parquet"))
+    manifest = materialise_dataset("seedbench-img", "test", None, 0, tmp_path / "out", local)
+    records = read_records(tmp_path / "out")
+    assert manifest["available"] == 3 and manifest["samples"] == 3 and manifest["task"] == "seedbench-img"
+    assert [r.id for r in records] == ["101", "102", "103"] and {r.task for r in records} == {"seedbench-img"}
+    assert [r.answer for r in records] == ["B", "A", "D"] and [r.answers for r in records] == [["B"], ["A"], ["D"]]
+    assert records[0].choices == ["a cat", "a dog", "a fish", "a bird"]
+    assert records[0].question == (  # lmms-eval's seedbench prompt
+        "Which animal is shown?\nA. a cat\nB. a dog\nC. a fish\nD. a bird\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert [r.load_image(tmp_path / "out").size for r in records] == [(8, 6), (5, 5), (7, 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "seed"]
+    materialise_dataset("seedbench-img", "test", 2, 1, tmp_path / "two", local)
+    assert len(read_records(tmp_path / "two")) == 2
+    with pytest.raises(ValueError, match="num_samples=4 but only 3"):  # the video question is not one of them
+        materialise_dataset("seedbench-img", "test", 4, 0, tmp_path / "four", local)
+
+
+def test_seedbench_refuses_a_bad_answer_or_an_image_question_without_one_image(tmp_path):
+    bad = seedbench_rows().select([0]).map(lambda row: {"answer": "E"})
+    bad.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="answer 'E' is not one of the letters A, B, C, D"):
+        materialise_dataset("seedbench-img", "test", None, 0, tmp_path / "x", tmp_path / "bad")
+    frames = seedbench_rows().select([3]).map(lambda row: {"data_type": "image"})
+    frames.save_to_disk(str(tmp_path / "frames"))
+    with pytest.raises(ValueError, match="question 9001 has 3 images, not one"):
+        materialise_dataset("seedbench-img", "test", None, 0, tmp_path / "x", tmp_path / "frames")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "frames"]
 
 
 def test_vizwiz_from_local_directory_keeps_ten_answers(tmp_path):
@@ -151,7 +227,7 @@ def test_vizwiz_from_parquet_snapshot_and_missing_answers(tmp_path):
 
 
 def test_errors_name_the_key_and_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'coco' \\(key: dataset\\).*easy-vqa, scienceqa-img, vizwiz"):
+    with pytest.raises(ValueError, match="unknown dataset 'coco' \\(key: dataset\\).*easy-vqa, scienceqa-img, seedbench-img, vizwiz"):
         materialise_dataset("coco", "test", 1, 0, tmp_path / "x")
     with pytest.raises(ValueError, match="num_samples=99999 but only 9673 .*key: num_samples"):
         materialise_dataset("easy-vqa", "test", 99999, 0, tmp_path / "x")
@@ -166,7 +242,8 @@ def test_errors_name_the_key_and_the_fix(tmp_path):
     assert list(tmp_path.iterdir()) == []  # failed runs leave nothing behind
 
 
-@pytest.mark.parametrize("dataset, hub_id", [("vizwiz", "lmms-lab/VizWiz-VQA"), ("scienceqa-img", "derek-thomas/ScienceQA")])
+@pytest.mark.parametrize("dataset, hub_id", [("vizwiz", "lmms-lab/VizWiz-VQA"), ("scienceqa-img", "derek-thomas/ScienceQA"),
+                                             ("seedbench-img", "lmms-lab/SEED-Bench")])
 def test_unreachable_hub_fails_fast_and_suggests_local_dir(tmp_path, dataset, hub_id):
     with pytest.raises(RuntimeError, match=f"{hub_id}.*offline or unreachable.*local_dir"):
         materialise_dataset(dataset, "val", 1, 0, tmp_path / "x")

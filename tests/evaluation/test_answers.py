@@ -1,7 +1,14 @@
 import pytest
 
 from qsvd.data.records import Record
-from qsvd.evaluation.answers import extract_choice_letter, normalize_vqa_answer, score_prediction, vqa_accuracy
+from qsvd.evaluation.answers import (
+    extract_choice_letter,
+    normalize_vqa_answer,
+    score_prediction,
+    strict_accuracy,
+    strict_choice_score,
+    vqa_accuracy,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -92,5 +99,35 @@ def test_score_prediction_per_task():
     assert score_prediction("vizwiz", "Soup.", viz) == ("soup", pytest.approx(0.6))
     assert score_prediction("vizwiz", "Unanswerable", viz) == ("unanswerable", 1.0)
 
-    with pytest.raises(ValueError, match="no scorer for task 'mmlu'.*easy-vqa, scienceqa-img, vizwiz"):
+    seed = Record(id="4", task="seedbench-img", question="q", answer="D", answers=["D"], choices=["w", "x", "y", "z"])
+    assert score_prediction("seedbench-img", "(D) the bird", seed) == ("D", 1.0)
+    assert score_prediction("seedbench-img", "The answer is C.", seed) == ("C", 0.0)
+    with pytest.raises(ValueError, match="record 5 of task seedbench-img has no choices"):
+        score_prediction("seedbench-img", "A", Record(id="5", task="seedbench-img", question="q", answer="A"))
+
+    with pytest.raises(ValueError, match="no scorer for task 'mmlu'.*easy-vqa, scienceqa-img, seedbench-img, vizwiz"):
         score_prediction("mmlu", "x", easy)
+
+
+@pytest.mark.parametrize(
+    "text, scienceqa, seedbench",
+    [
+        # lmms-eval's ScienceQA rule: the letter in any case, or an upper-case letter and "."; SEED-Bench's: the first
+        # character, case-sensitive
+        ("A", 1.0, 1.0), (" A\n", 1.0, 1.0), ("a", 1.0, 0.0), ("A.", 1.0, 1.0), ("A. the cat", 1.0, 1.0),
+        ("A cat", 0.0, 1.0), ("Apple", 0.0, 1.0), ("A)", 0.0, 1.0), ("(A)", 0.0, 0.0), ("The answer is A", 0.0, 0.0),
+        ("a.", 0.0, 0.0), ("B.", 0.0, 0.0), ("B", 0.0, 0.0), ("", 0.0, 0.0),
+    ],
+)
+def test_strict_scores_are_lmms_evals_rules(text, scienceqa, seedbench):
+    assert strict_choice_score("scienceqa-img", text, "A") == scienceqa
+    assert strict_choice_score("seedbench-img", text, "A") == seedbench
+
+
+def test_strict_accuracy_of_saved_predictions():
+    predictions = [{"generated": "A", "gold": "A"}, {"generated": "(B)", "gold": "B"}, {"generated": "C.", "gold": "C"}]
+    assert strict_accuracy("scienceqa-img", predictions) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="no lmms-eval rule for task 'vizwiz'"):
+        strict_accuracy("vizwiz", predictions)
+    with pytest.raises(ValueError, match="no predictions"):
+        strict_accuracy("scienceqa-img", [])

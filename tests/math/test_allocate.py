@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from qsvd.math.allocate import (
+    allocate_by_fisher,
     allocate_by_importance,
     allocate_uniform,
     clamp_indices,
+    fisher_information,
     importance,
     top_k_indices,
 )
@@ -64,3 +66,61 @@ def test_budget_below_minimum_plan_is_an_error():
     scores = [torch.rand(100) for _ in MHA]
     with pytest.raises(ValueError, match="r_min"):
         allocate_by_importance(scores, budget_measure(MHA, "R1"), 0.001, 10, [100] * 4)
+
+
+def test_fisher_information_is_the_mean_root_mean_square_gradient():
+    grads = [torch.tensor([[1.0, -2.0], [0.0, 3.0]]), torch.tensor([[-1.0, 2.0], [4.0, 0.0]])]
+    # per entry sqrt(mean_n G²): [[1, 2], [sqrt(8), sqrt(4.5)]]; their mean
+    expected = (1 + 2 + 8**0.5 + 4.5**0.5) / 4
+    assert fisher_information(sum(g.pow(2) for g in grads), 2) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="at least one sample"):
+        fisher_information(torch.zeros(2, 2), 0)
+
+
+def _sainte_lague(fisher: list[float], total: int, r_max: list[int]) -> list[int]:
+    """The sequential Sainte-Laguë procedure: each rank in turn to the unit of largest F / (2r + 1) not yet full."""
+    ranks = [0] * len(fisher)
+    for _ in range(total):
+        open_units = [u for u in range(len(fisher)) if ranks[u] < r_max[u]]
+        best = max(open_units, key=lambda u: (fisher[u] / (2 * ranks[u] + 1), -u))
+        ranks[best] += 1
+    return ranks
+
+
+def _rank_fraction(r_max: list[int]):
+    return lambda ranks: sum(ranks) / sum(r_max)
+
+
+def test_fisher_allocation_is_proportional_to_the_fisher_information():
+    r_max = [100] * 4
+    kept = allocate_by_fisher([1.0, 2.0, 3.0, 4.0], _rank_fraction(r_max), 20 / 400, 1, r_max)
+    assert [len(k) for k in kept] == [2, 4, 6, 8]  # T = 20 shared as 1 : 2 : 3 : 4
+    assert all(k.tolist() == list(range(len(k))) for k in kept)  # the leading singular values, as a truncated SVD
+
+
+def test_fisher_allocation_passes_a_full_units_excess_on_and_clamps_to_r_min():
+    r_max = [5, 100, 100]
+    kept = allocate_by_fisher([10.0, 1.0, 1.0], _rank_fraction(r_max), 25 / 205, 1, r_max)
+    assert [len(k) for k in kept] == [5, 10, 10]  # the first unit's share (≈ 20.8) is capped at its full rank
+    kept = allocate_by_fisher([1.0, 0.0], _rank_fraction([10, 10]), 0.5, 3, [10, 10])
+    assert [len(k) for k in kept] == [7, 3]  # no Fisher information: r_min, the rest to the other unit
+
+
+def test_fisher_allocation_equals_sainte_lague_and_is_maximal_for_every_budget_kind():
+    g = torch.Generator().manual_seed(1)
+    shapes = [LayerShape(64, 64, 16, 16)] * 5  # GQA: a latent above 32 costs the cache K/V, not r
+    fisher = torch.rand(5, generator=g).tolist()
+    r_max = [64] * 5
+    for kind, budget in (("rank_fraction", 0.3), ("R1", 0.5), ("R2", 0.6)):
+        measure = budget_measure(shapes, kind)
+        ranks = [len(k) for k in allocate_by_fisher(fisher, measure, budget, 1, r_max)]
+        assert measure(ranks) <= budget
+        assert ranks == _sainte_lague(fisher, sum(ranks), r_max)
+        assert measure(_sainte_lague(fisher, sum(ranks) + 1, r_max)) > budget  # one rank more would not fit
+
+
+def test_fisher_allocation_refuses_bad_information_and_unreachable_budgets():
+    with pytest.raises(ValueError, match="unit 1 has Fisher information nan"):
+        allocate_by_fisher([1.0, float("nan")], _rank_fraction([4, 4]), 0.5, 1, [4, 4])
+    with pytest.raises(ValueError, match="r_min"):
+        allocate_by_fisher([1.0, 1.0], _rank_fraction([4, 4]), 0.1, 2, [4, 4])

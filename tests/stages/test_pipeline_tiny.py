@@ -104,8 +104,9 @@ def test_every_method_through_the_stages(method, saved_tiny_model, dataset, tmp_
     transform = "whiten" if whiten else "abs_mean"
     decomposition = run_decompose(str(source), "smolvlm", stats, spec.layout, transform, 0.5, tmp_path / "svd")
     importance = None
-    if spec.allocation == "importance":
-        importance = run_importance(str(source), "smolvlm", decomposition, dataset, tmp_path / "importance")
+    if spec.reads_importance:
+        importance = run_importance(str(source), "smolvlm", decomposition, dataset, tmp_path / "importance",
+                                    fisher=spec.allocation == "fisher")
     # Q dense costs 1/3 of R1 (plus what GQA's smaller K/V leave): 0.7 fits every method.
     plan_path = run_rank_plan(decomposition, importance, spec.allocation, "R1", 0.7, 1, tmp_path / "plan.json")
     plan = read_json(plan_path)
@@ -113,6 +114,8 @@ def test_every_method_through_the_stages(method, saved_tiny_model, dataset, tmp_
     assert groups == set(LAYOUTS[spec.layout]) and plan["layout"] == spec.layout and plan["cost"]["R1"] <= 0.7
     if spec.allocation == "uniform":
         assert len({u["rank"] for u in plan["units"] if u["max_rank"] > u["rank"]}) <= 1
+    if spec.allocation == "fisher":  # leading singular values, ranks from the stored Fisher information
+        assert all(u["indices"] == list(range(u["rank"])) and u["fisher"] > 0 for u in plan["units"])
     checkpoint = run_lowrank_model(str(source), "smolvlm", decomposition, plan_path, 0.2, tmp_path / "lowrank")
     lowrank, _, manifest = load_checkpoint(checkpoint)
     q, k, v = qkv_projections(decoder_layers(lowrank, family)[0], family)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from qsvd.artefacts import DamagedArtefact
-from qsvd.stages.report import COLUMNS, OPTIONAL_COLUMNS, write_report
+from qsvd.stages.report import COLUMNS, DERIVED_COLUMNS, OPTIONAL_COLUMNS, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -20,10 +20,17 @@ def _result(**overrides) -> dict:
 
 
 def _write(tmp_path, results: list[dict]) -> list:
+    """Each result as a file; one with `_predictions` [(generated, gold), ...] also gets its predictions file."""
     paths = []
     for i, result in enumerate(results):
         path = tmp_path / "results" / f"{i}.json"
         path.parent.mkdir(exist_ok=True)
+        result = dict(result)
+        if "_predictions" in result:
+            pairs = result.pop("_predictions")
+            lines = [json.dumps({"id": str(n), "gold": gold, "generated": text}) + "\n" for n, (text, gold) in enumerate(pairs)]
+            (path.parent / f"{i}.predictions.jsonl").write_text("".join(lines))
+            result.update(predictions=f"{i}.predictions.jsonl", num_samples=len(pairs))
         path.write_text(json.dumps(result))
         paths.append(path)
     return paths
@@ -36,8 +43,11 @@ RESULTS = [
     _result(budget="r0.75", budget_value=0.75, R1=1.0, R2=0.375, score=0.80, seed=1),
     _result(score=0.85),  # qsvd r0.5 seed 0
     _result(**FULL, score=0.95),
-    _result(**FULL, task="scienceqa-img", score=0.6),
-    _result(task="scienceqa-img", score=0.5),
+    # lenient 3 of 5, lmms-eval's rule 1 of 5 ("(B)", "The answer is C" are not its answers)
+    _result(**FULL, task="scienceqa-img", score=0.6,
+            _predictions=[("A", "A"), ("(B)", "B"), ("The answer is C", "C"), ("B", "D"), ("x", "A")]),
+    # lenient 2 of 4, lmms-eval's rule 1 of 4 ("A. cat" counts for both, "A cat" for neither)
+    _result(task="scienceqa-img", score=0.5, _predictions=[("A. cat", "A"), ("(B)", "B"), ("C", "D"), ("A cat", "A")]),
 ]
 
 
@@ -57,13 +67,16 @@ def test_csv_has_one_tidy_row_per_result(report_dir):
     out = report_dir
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == COLUMNS + list(OPTIONAL_COLUMNS) and len(rows) == len(RESULTS)
+    assert list(rows[0]) == COLUMNS + list(OPTIONAL_COLUMNS) + list(DERIVED_COLUMNS) and len(rows) == len(RESULTS)
     easy = [r for r in rows if r["task"] == "easy-vqa"]
     assert [(r["method"], r["budget"], r["seed"]) for r in easy] == [
         ("uncompressed", "full", "0"), ("qsvd", "r0.75", "0"), ("qsvd", "r0.75", "1"), ("qsvd", "r0.5", "0"), ("svd-llm", "r0.5", "0"),
     ]
     assert float(easy[1]["score"]) == 0.9 and float(easy[3]["R1"]) == pytest.approx(2 / 3) and easy[0]["budget_value"] == ""
-    assert {r["quantization"] for r in rows} == {"none (full precision)"} and {r["num_samples"] for r in rows} == {"500"}
+    assert {r["quantization"] for r in rows} == {"none (full precision)"} and {r["num_samples"] for r in easy} == {"500"}
+    assert {r["strict_score"] for r in easy} == {""}  # no lmms-eval rule for easy-vqa
+    science = [r for r in rows if r["task"] == "scienceqa-img"]
+    assert [(r["method"], float(r["strict_score"])) for r in science] == [("uncompressed", 0.2), ("qsvd", 0.25)]
 
 
 def test_markdown_tables_per_model_and_task(report_dir):
@@ -75,8 +88,27 @@ def test_markdown_tables_per_model_and_task(report_dir):
     assert lines[3] == "| qsvd |  | 85.00 ± 7.07 (100.0/37.5) | 85.00 (66.7/25.0) |"  # mean ± std over 2 seeds
     assert lines[4] == "| svd-llm |  |  | 70.00 (100.0/50.0) |"
     assert "Seeds: 0, 1." in easy and "Quantization: none (full precision)." in easy
-    science_lines = [line for line in science.splitlines() if line.startswith("|")]
+    lenient, strict = science.split("### demo: scienceqa-img, scored by lmms-eval's rule (accuracy, %)")
+    science_lines = [line for line in lenient.splitlines() if line.startswith("|")]
     assert science_lines[0] == "| method | full | r0.5 |" and science_lines[3] == "| qsvd |  | 50.00 (66.7/25.0) |"
+    strict_lines = [line for line in strict.splitlines() if line.startswith("|")]
+    assert strict_lines[0] == "| method | full | r0.5 |"
+    assert strict_lines[2:] == ["| uncompressed | 20.00 (100.0/100.0) |  |", "| qsvd |  | 25.00 (66.7/25.0) |"]
+    assert "Lenient minus strict: 32.50 points on average over 2 results, the largest difference +40.00 (uncompressed, full," in strict
+    assert "scored by lmms-eval's rule" not in easy  # only tasks that lmms-eval scores by a letter rule
+
+
+def test_a_multiple_choice_result_without_its_predictions_names_the_rebuild(tmp_path):
+    (path,) = _write(tmp_path, [_result(task="seedbench-img", predictions="gone.predictions.jsonl")])
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=r"gone\.predictions\.jsonl, the predictions of .*0\.json.*re-run the evaluate stage"):
+        write_report([path], out / "a.csv", out / "a.md", out / "a.png")
+    (path,) = _write(tmp_path, [_result(task="seedbench-img", _predictions=[("A", "A")])])
+    counted = json.loads(path.read_text()) | {"num_samples": 2}
+    path.write_text(json.dumps(counted))
+    with pytest.raises(ValueError, match=r"counts 2 samples but its predictions hold 1"):
+        write_report([path], out / "a.csv", out / "a.md", out / "a.png")
+    assert not out.exists()
 
 
 def test_several_quantizations_get_their_own_rows(tmp_path):

@@ -100,6 +100,9 @@ rule importance:
         device=DEVICE,
         # how, not what: the scores are the same either way, so it is a param, not a path segment
         checkpointing="--gradient-checkpointing" if CFG.compute.gradient_checkpointing else "",
+        # the Fisher sums cost a float32 copy of each unit's weight: only when a method of this decomposition uses them
+        fisher=lambda wildcards: "--fisher" if any(
+            m.allocation == "fisher" for m in METHODS if CFG.svd.key(m) == wildcards.svd) else "",
         version=STAGE_VERSIONS["importance"],
     log:
         f"{SVD}/logs/importance.log",
@@ -113,14 +116,14 @@ rule importance:
     shell:
         "python -m qsvd.cli --threads {threads} importance --model {params.model:q} --family {params.family:q}"
         " --decomposition {input.decomposition:q} --data {input.data:q} --dtype {params.dtype:q}"
-        " --device {params.device:q} {params.checkpointing} --out {output:q} 2> {log:q}"
+        " --device {params.device:q} {params.checkpointing} {params.fisher} --out {output:q} 2> {log:q}"
 
 
 rule rank_plan:
     input:
         decomposition=rules.decompose.output[0],
         importance=lambda wildcards: (
-            expand(rules.importance.output[0], svd=wildcards.svd) if leaf(wildcards)[0].allocation == "importance" else []
+            expand(rules.importance.output[0], svd=wildcards.svd) if leaf(wildcards)[0].reads_importance else []
         ),
     output:
         f"{SVD}/rank~{{rank}}/plan.json",
