@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from qsvd.machine import GIB, synchronize
 from qsvd.math.cost import LayerCache
@@ -33,7 +34,7 @@ def tensor_bytes(value, seen: set | None = None) -> int:
     dicts of them), each storage counted once."""
     seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
-        if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor and not isinstance(value, nn.Parameter):
+        if is_traceable_wrapper_subclass(value):  # torchao's quantized weights (also as nn.Parameter), DTensor, ...
             names, _ = value.__tensor_flatten__()
             return sum(tensor_bytes(getattr(value, name), seen) for name in names)
         key = (value.device, value.untyped_storage().data_ptr()) if value.numel() else None
