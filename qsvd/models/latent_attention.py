@@ -6,7 +6,10 @@ caches a latent (`qsvd.math.cost.layer_caches`, the cost model's own rule) store
 scale when the latent is quantized) and:
 - `latent`: rebuilds K = RoPE(A_k C + b_k) at the cached positions every step, and absorbs V: the attention
   weights multiply the latents (P·C), then A_v maps them per head (Σ P = 1, so b_v adds as it is);
-- `latent_v`: caches post-RoPE K as usual and C for the absorbed V;
+- `latent_v`: caches post-RoPE K as usual and C for the absorbed V.
+V is absorbed where that is the cheaper order (`absorbs_values`: a decode step); a prefill rebuilds V = A_v C + b_v
+for the cached tokens instead and runs the model's own attention kernel (SDPA), as attending with every head over
+the r-wide latents costs ~heads·tokens / (kv_heads·d) times more;
 - `kv`: nothing changes (transformers' own cache holds the K and V the low-rank projections give).
 With any other cache (or none), the attention runs its own forward: training, perplexity and the pipeline's
 stages are untouched. The rebuild is unfused PyTorch (a fused kernel is what would turn memory into speed).
@@ -116,6 +119,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
+def absorbs_values(tokens: int, heads: int, length: int, rank: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether attending over the cached latents and applying A_v per head afterwards (heads·tokens·r·(length + d)
+    multiply-adds) costs less than rebuilding V = A_v C for every cached token first (length·r·kv_heads·d, then
+    heads·tokens·length·d): true for a decode step, false for a prefill longer than about kv_heads·d / heads tokens."""
+    absorbed = heads * tokens * rank * (length + head_dim)
+    rebuilt = length * rank * kv_heads * head_dim + heads * tokens * length * head_dim
+    return absorbed < rebuilt
+
+
 def latent_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                    past_key_values=None, **kwargs):
     """The attention forward with a `LatentCache` (see the module docstring); its own forward otherwise."""
@@ -161,16 +173,20 @@ def latent_forward(self, hidden_states, position_embeddings=None, attention_mask
         key = key.view(batch, length, -1, self.head_dim).transpose(1, 2)
         key = _rope(key, *cache.rotary(plan.rotary_embedding, key))
     kv_heads = key.shape[1]
+    absorb = layer.v_latent is not None and absorbs_values(tokens, query.shape[1], length,
+                                                           plan.downs[layer.v_latent].rank, kv_heads, self.head_dim)
     if layer.v_latent is None:
         value = parts["v"]
-    else:
+    elif absorb:
         value_latent = latent(layer.v_latent)
         value = value_latent[:, None].expand(batch, kv_heads, length, value_latent.shape[-1])
+    else:  # a prefill: V = A_v C + b_v for every cached token costs less than attending over C with every head
+        value = rebuild(layer.v_latent, plan.projections["v"]).view(batch, length, -1, self.head_dim).transpose(1, 2)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
     sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
     output, weights = attention(self, query, key, value, attention_mask, dropout=0.0 if not self.training else
                                 self.attention_dropout, scaling=self.scaling, sliding_window=sliding_window, **kwargs)
-    if layer.v_latent is not None:  # output holds P·C per head: apply A_v (and b_v) per KV head's group of heads
+    if absorb:  # output holds P·C per head: apply A_v (and b_v) per KV head's group of heads
         up = plan.projections["v"]
         weight = up.dequantized_weight(output.dtype) if hasattr(up, "dequantized_weight") else up.weight
         groups = output.shape[2] // kv_heads

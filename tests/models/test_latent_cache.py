@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from qsvd.math.cost import CACHE_MODES, cache_bytes
-from qsvd.models.latent_attention import CACHE_ARGUMENT, layer_cache_plans, new_cache, use_latent_cache
+from qsvd.models.latent_attention import (
+    CACHE_ARGUMENT,
+    absorbs_values,
+    layer_cache_plans,
+    new_cache,
+    use_latent_cache,
+)
 from qsvd.models.latent_cache import LatentCache
 from qsvd.models.prompts import GENERATION_PADDING, encode_prompt, pad_batch
 from qsvd.models.registry import decoder_layers, family_by_name
@@ -236,3 +242,10 @@ def test_decoded_perplexity_through_the_latent_cache_equals_one_forward(tiny_mod
     assert decoded_nll(model, ids, cache, CACHE_ARGUMENT) == pytest.approx((expected, count), rel=1e-5)
     tokens = ids.shape[1] - 1  # the last token is scored, never fed
     assert cache_nbytes(cache) == cache_bytes(shapes, ranks, "joint", "latent", 1, tokens, 4) < cache_nbytes(dense)
+
+
+def test_values_are_absorbed_in_decode_steps_and_rebuilt_for_a_prefill():
+    """SmolLM2's shape (9 query heads, 3 KV heads of 64, a 288-wide latent): a decode step attends over the cached
+    latents; a prefill rebuilds V first (attending with 9 heads over 288-wide latents would cost 4.5x more)."""
+    assert absorbs_values(1, 9, 2048, 288, 3, 64)
+    assert not absorbs_values(512, 9, 512, 288, 3, 64) and not absorbs_values(128, 9, 2048 + 128, 288, 3, 64)
