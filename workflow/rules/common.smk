@@ -155,7 +155,9 @@ def quant_spec(wildcards):
     weight_bits, act_bits = QUANT.bits(setting.fmt)
     spec = dict(weight_bits=weight_bits, act_bits=act_bits, weight_method=QUANT.weight_method, group_size=QUANT.group_size,
                 lm_clip=QUANT.lm_clip, vision_clip=QUANT.vision_clip, rotate=setting.rotate, rotate_latent=setting.rotate,
-                vision=QUANT.vision, beta=setting.beta, vocabulary_bits=QUANT.vocabulary_bits, seed=setting.seed)
+                vision=QUANT.vision, beta=setting.beta, seed=setting.seed)
+    if QUANT.vocabulary_bits is not None:  # only when set: the params of every existing quantized model stay as they were
+        spec["vocabulary_bits"] = QUANT.vocabulary_bits
     return json.dumps(spec, sort_keys=True)
 
 
