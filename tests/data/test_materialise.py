@@ -124,15 +124,21 @@ def test_rerun_replaces_the_output_and_removes_a_stale_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def _local_copy(local, layout: str, splits: dict, snapshot_only: dict | None = None) -> None:
+    """A local copy of a hub dataset: datasets' save_to_disk of `splits`, or the hub repository's own layout (one
+    parquet file per split, with the extra `snapshot_only` splits)."""
+    if layout == "save_to_disk":
+        datasets.DatasetDict(splits).save_to_disk(str(local))
+        return
+    (local / "data").mkdir(parents=True)
+    for split, rows in {**splits, **(snapshot_only or {})}.items():
+        rows.to_parquet(str(local / "data" / f"{split}-00000-of-00001.parquet"))
+
+
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet_snapshot"])
 def test_scienceqa_from_local_directory_keeps_only_image_questions(tmp_path, layout):
     local = tmp_path / "sqa"
-    if layout == "save_to_disk":
-        datasets.DatasetDict({"test": scienceqa_rows()}).save_to_disk(str(local))
-    else:  # the hub repository's own layout
-        (local / "data").mkdir(parents=True)
-        scienceqa_rows().to_parquet(str(local / "data" / "test-00000-of-00001.parquet"))
-        scienceqa_rows().select([0]).to_parquet(str(local / "data" / "train-00000-of-00001.parquet"))
+    _local_copy(local, layout, {"test": scienceqa_rows()}, {"train": scienceqa_rows().select([0])})
     manifest = materialise_dataset("scienceqa-img", "test", None, 0, tmp_path / "out", local)
     records = read_records(tmp_path / "out")
     assert manifest["available"] == 3 and manifest["samples"] == 3 and manifest["source"] == str(local)
@@ -165,11 +171,7 @@ def test_scienceqa_subset_is_drawn_among_image_questions(tmp_path):
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet_snapshot"])
 def test_seedbench_from_local_directory_keeps_only_image_questions(tmp_path, layout):
     local = tmp_path / "seed"
-    if layout == "save_to_disk":
-        datasets.DatasetDict({"test": seedbench_rows()}).save_to_disk(str(local))
-    else:  # the hub repository's own layout
-        (local / "data").mkdir(parents=True)
-        seedbench_rows().to_parquet(str(local / "data" / "test-00000-of-00001.parquet"))
+    _local_copy(local, layout, {"test": seedbench_rows()})
     manifest = materialise_dataset("seedbench-img", "test", None, 0, tmp_path / "out", local)
     records = read_records(tmp_path / "out")
     assert manifest["available"] == 3 and manifest["samples"] == 3 and manifest["task"] == "seedbench-img"
