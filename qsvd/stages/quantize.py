@@ -82,6 +82,10 @@ class QuantSpec:
         act = None if target.kind == "embedding" or self.act_bits is None else max(self.act_bits, 8)
         return self.vocabulary_bits, act
 
+    def uses_gptq(self, target: Target) -> bool:
+        """GPTQ where the spec asks for it, except the vocabulary layers (always RTN: no Hessian of an embedding)."""
+        return self.weight_method == "gptq" and target.part != "vocabulary"
+
     def target_format(self, target: Target) -> WeightFormat:
         """The vocabulary layers are quantized per row (symmetric): an embedding row is one token's vector."""
         if target.part == "vocabulary":
@@ -137,13 +141,12 @@ def run_quantize(
     transforms = {t.name: input_transforms(model, t) for t in targets}
     codes: dict[str, torch.Tensor] = {}  # as stored: packed codes, scales and zeros of every quantized weight
     weighted = [t for t in targets if spec.bits(t)[0] is not None]
-    gptq = spec.weight_method == "gptq"
-    by_gptq = [t for t in weighted if gptq and t.part != "vocabulary"]  # the vocabulary layers: always RTN
-    batches = hessian_batches(model, by_gptq, int(spec.hessian_memory_gib * 2**30)) if by_gptq else []
-    batches += [[t for t in weighted if t not in by_gptq]]
+    by_gptq = [t for t in weighted if spec.uses_gptq(t)]
+    runs = [(run, True) for run in hessian_batches(model, by_gptq, int(spec.hessian_memory_gib * 2**30))]
+    runs.append(([t for t in weighted if not spec.uses_gptq(t)], False))
     progress = tqdm(total=len(weighted), desc=f"quantize weights ({spec.weight_method}, {spec.weight_bits} bits)")
-    for batch in batches:
-        hessians = _input_hessians(model, processor, adapter, batch, data_dir, device) if batch and batch[0] in by_gptq else {}
+    for batch, with_hessians in runs:
+        hessians = _input_hessians(model, processor, adapter, batch, data_dir, device) if with_hessians else {}
         for target in batch:
             codes |= _quantize_weight(model, target, spec, hessians.pop(target.name, None))
             progress.update()
@@ -226,7 +229,7 @@ def _quantize_weight(model, target: Target, spec: QuantSpec, hessian: torch.Tens
     module = model.get_submodule(target.name)
     fmt = spec.target_format(target)
     weight = module.weight.detach().float()  # one layer's float32 working copy
-    if spec.weight_method == "gptq" and target.part != "vocabulary":
+    if spec.uses_gptq(target):
         quantized = quantize_gptq(weight, hessian, fmt, spec.gptq_damping, act_order=spec.act_order)
     else:
         quantized = quantize_rtn(weight, fmt)
@@ -302,7 +305,7 @@ def _layer_record(model, target: Target, transforms, spec: QuantSpec) -> dict:
     """What is quantized at one layer: weight bits and format (and how its codes are stored), each activation
     quantizer and rotation."""
     weight_bits = spec.bits(target)[0]
-    method = "rtn" if target.part == "vocabulary" else spec.weight_method
+    method = "gptq" if spec.uses_gptq(target) else "rtn"
     record = {"name": target.name, "part": target.part, "kind": target.kind,
               "weight_bits": weight_bits, "weight_method": method if weight_bits else None}
     if weight_bits:
