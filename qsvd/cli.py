@@ -113,6 +113,19 @@ def _report(a):
     write_report(a.results, a.csv, a.markdown, a.plot)
 
 
+def _check_config(a):
+    from qsvd.config import ConfigError, load_config, read_config_files
+    from qsvd.preflight import preflight
+
+    files = [Path("config/config.yaml"), *a.configfile]
+    try:
+        config = load_config(read_config_files(files))
+        preflight(config)
+    except ConfigError as error:
+        raise SystemExit(f"qsvd check-config: {error}") from None
+    print(f"config OK ({' + '.join(map(str, files))}): model {config.model.name}, methods {', '.join(config.methods)}")
+
+
 def _verify(a):
     from qsvd.verify import report_lines, verify_tree
 
@@ -299,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, required=True)
     p.add_argument("--plot", type=Path, required=True)
     p.add_argument("results", type=Path, nargs="+")
+
+    p = stage("check-config", _check_config, "read config/config.yaml and the given overlays as Snakemake merges them, "
+              "and run the workflow's start-up checks; a YAML error is named by file, line and column")
+    p.add_argument("configfile", type=Path, nargs="*", help="the files given to snakemake --configfile, in order")
 
     p = stage("verify", _verify, "check every artefact of a results tree against the sizes and SHA-256 its manifest "
               "records; print each damaged one with the command that rebuilds it; exit 1 if any")

@@ -291,6 +291,34 @@ def _convert(hint, value: Any, key: str):
     return value
 
 
+def read_config_files(paths: list[Path]) -> dict:
+    """The config Snakemake builds from the Snakefile's `configfile:` (config/config.yaml, relative to the working
+    directory) and `--configfile` overlays, later ones winning, nested mappings merged. Snakemake reads these files
+    before any workflow code runs and reports a YAML error with no file or line: this names both."""
+    from snakemake.utils import update_config
+
+    merged: dict = {}
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; check the path given to --configfile") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark or error.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            opened = error.context_mark if error.context_mark and error.context_mark is not mark else None
+            context = f" ({error.context} at line {opened.line + 1}, column {opened.column + 1})" if opened else ""
+            raise ConfigError(f"{where}: not valid YAML: {error.problem or error.context}{context}") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} holds a {type(data).__name__}, not a mapping of config keys")
+        update_config(merged, data)
+    return merged
+
+
 def load_config(data: dict) -> QsvdConfig:
     """Validate against the JSON schema (with defaults), then build and range-check the typed view."""
     validate_schema(data)

@@ -185,3 +185,37 @@ def test_configs_whose_keys_would_collide_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"evaluation.tasks\[0\] and evaluation.tasks\[1\] differ but would share "
                                           r"the cache path text-test-nall-s0-local-00000000"):
         load_config(_text_tasks(tmp_path / "a.txt", tmp_path / "b.txt"))
+
+
+def test_config_files_merge_as_snakemake_merges_them(tmp_path):
+    (tmp_path / "base.yaml").write_text("rank:\n  budgets: [0.8]\n  r_min: 2\nmethods: [qsvd]\n")
+    (tmp_path / "overlay.yaml").write_text("rank:\n  budgets: [0.5]\n")
+    merged = qsvd.config.read_config_files([tmp_path / "base.yaml", tmp_path / "overlay.yaml"])
+    assert merged == {"rank": {"budgets": [0.5], "r_min": 2}, "methods": ["qsvd"]}
+
+
+def test_a_yaml_error_is_named_by_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [qsvd\nrank: {}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:5: not valid YAML: .*flow sequence at line 1, column 10"):
+        qsvd.config.read_config_files([bad])
+
+
+def test_a_missing_or_non_mapping_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist; check the path given to --configfile"):
+        qsvd.config.read_config_files([tmp_path / "missing.yaml"])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml holds a list, not a mapping"):
+        qsvd.config.read_config_files([tmp_path / "list.yaml"])
+
+
+def test_check_config_runs_the_start_up_checks_on_the_merged_files(tmp_path, monkeypatch, capsys):
+    from qsvd.cli import main
+
+    repo = SCHEMA_PATH.parents[2]
+    monkeypatch.chdir(repo)
+    main(["check-config", "config/test.yaml"])
+    assert "config OK (config/config.yaml + config/test.yaml): model demo-test" in capsys.readouterr().out
+    (tmp_path / "typo.yaml").write_text("rank:\n  budget: [0.5]\n")
+    with pytest.raises(SystemExit, match=r"qsvd check-config: config key rank.*budget"):
+        main(["check-config", "config/test.yaml", str(tmp_path / "typo.yaml")])
