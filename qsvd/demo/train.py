@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from qsvd.artefacts import atomic_directory, provenance, write_json
+from qsvd.artefacts import MANIFEST, atomic_directory, provenance, write_json
 from qsvd.data.easy_vqa import easy_vqa_records
 from qsvd.data.records import Record
 from qsvd.demo.build import IMAGE_SIZE, DemoSizes, build_demo_model, build_demo_processor, image_token_count
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 EVAL_SEED = 0  # the held-out test subset is the same for every training seed
-SUMMARY = "training_summary.json"
+SUMMARY = MANIFEST  # the training summary is the directory's manifest: sealed with each file's size and SHA-256
 
 
 @dataclass(frozen=True)
@@ -438,7 +438,8 @@ def fit_demo_model(seed: int = 0, max_minutes: float = 5.0, **recipe) -> tuple[L
 
 
 def save_demo_model(out_dir: Path, model: LlavaForConditionalGeneration, processor: LlavaProcessor, summary: dict) -> Path:
-    """Save model, processor and `training_summary.json` into `out_dir`, atomically (temporary sibling, rename)."""
+    """Save model, processor and the training summary (`manifest.json`, with every file's digest) into `out_dir`,
+    atomically (temporary sibling, rename)."""
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

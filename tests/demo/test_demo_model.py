@@ -118,6 +118,21 @@ def test_reduced_recipe_beats_question_only(trained):
     assert summary["held_out_accuracy"] >= ACCURACY_FLOOR, summary
 
 
+def test_the_saved_model_is_sealed_and_damage_names_its_rebuild(trained, tmp_path):
+    import shutil
+
+    from qsvd.artefacts import FILES, DamagedArtefact, read_json
+
+    directory, *_ = trained
+    recorded = read_json(directory / SUMMARY)[FILES]
+    assert set(recorded) == {p.name for p in directory.iterdir()} - {SUMMARY} and "model.safetensors" in recorded
+    copy = shutil.copytree(directory, tmp_path / "model")
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(DamagedArtefact, match=r"model\.safetensors.*snakemake --forcerun demo_model"):
+        read_json(copy / SUMMARY)
+
+
 def test_reload_gives_identical_logits_and_answers(trained):
     directory, model, processor, summary = trained
     reloaded = LlavaForConditionalGeneration.from_pretrained(directory).eval()
