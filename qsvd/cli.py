@@ -153,6 +153,21 @@ def _benchmark_report(a):
                            a.cache_budget_gib)
 
 
+def _paper_table(a):
+    from qsvd.paper.render import write_markdown, write_table
+    from qsvd.paper.slices import assemble, read_slice, table_cells, write_slice
+    from qsvd.paper.tables import PUBLISHED, table_by_id
+
+    table = table_by_id(a.table, a.published or PUBLISHED)
+    if a.evaluations:  # one model's slice (the paper_table rule), and that model's rows of the table
+        write_slice(table, a.evaluations, a.json)
+        model, cells = read_slice(a.json, table)
+        write_markdown(table, table_cells(table, {model: cells}, [model]), [model], a.markdown)
+    else:  # the whole table from the slices under a results folder
+        cells, run_models = assemble(table, a.results)
+        write_table(table, cells, run_models, a.json, a.markdown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qsvd", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -320,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("verify", _verify, "check every artefact of a results tree against the sizes and SHA-256 its manifest "
               "records; print each damaged one with the command that rebuilds it; exit 1 if any")
     p.add_argument("results", type=Path, nargs="+", help="results trees (e.g. results/) or single artefacts' folders")
+
+    p = stage("paper-table", _paper_table, "a table of the paper (qsvd/paper/published.yaml) laid out as the paper "
+              "does, our scores beside the published ones: one model's slice from its run's evaluation results "
+              "(--evaluations), or the whole table from the slices under a results folder (--results)")
+    p.add_argument("--table", required=True, help="the table's id, e.g. paper-table1-llava (its configs' report_name)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--evaluations", type=Path, nargs="+", help="evaluate stage outputs of one model's run: "
+                        "--json gets its slice (results/<model>/<table>/paper_table.json)")
+    source.add_argument("--results", type=Path, help="a results folder holding slices: --json gets the whole table")
+    p.add_argument("--published", type=Path, default=None, help="published-values file (default: qsvd/paper/published.yaml)")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--markdown", type=Path, required=True)
     return parser
 
 

@@ -20,4 +20,5 @@ STAGE_VERSIONS = {
     "report": 2,
     "benchmark": 1,
     "benchmark_report": 1,
+    "paper_table": 1,
 }

@@ -113,16 +113,20 @@ def _stop_token_ids(model) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def _answers(model, processor, adapter, records, data_dir: Path, max_new_tokens: int, dtype: torch.dtype) -> list[dict]:
-    """Greedy answers to a batch of questions (left-padded prompts), extracted and scored."""
-    prompts = [
-        encode_prompt(processor, adapter, r.question, r.load_image(data_dir) if adapter.multimodal else None)
-        for r in records
-    ]
+def generate_answers(model, processor, adapter, questions, max_new_tokens: int, dtype: torch.dtype) -> list[str]:
+    """Greedy answers of `model` to a batch of (question, image or None) pairs, through qsvd's one prompt path
+    (left-padded prompts), each decoded up to its first stop token; also the door of qsvd's lmms-eval model."""
+    prompts = [encode_prompt(processor, adapter, question, image) for question, image in questions]
     batch = pad_batch(prompts, processor, GENERATION_PADDING).to(device=model.device, dtype=dtype)
     prompt_length = batch["input_ids"].shape[1]
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    texts = decode_generated_batch(processor, output, prompt_length, _stop_token_ids(model))
+    return decode_generated_batch(processor, output, prompt_length, _stop_token_ids(model))
+
+
+def _answers(model, processor, adapter, records, data_dir: Path, max_new_tokens: int, dtype: torch.dtype) -> list[dict]:
+    """Greedy answers to a batch of questions, extracted and scored."""
+    questions = [(r.question, r.load_image(data_dir) if adapter.multimodal else None) for r in records]
+    texts = generate_answers(model, processor, adapter, questions, max_new_tokens, dtype)
     predictions = []
     for record, text in zip(records, texts):
         extracted, score = score_prediction(record.task, text, record)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from qsvd.config import ConfigError, load_config, number_key
 from qsvd.methods import method_by_name
+from qsvd.paper.tables import load_tables
 from qsvd.preflight import preflight
 from qsvd.stages import STAGE_VERSIONS
 from qsvd.resources import job_resources
@@ -246,6 +247,13 @@ BENCH_RESOURCES = RESOURCES["evaluate"] | (
     {"mem_mb": max(RESOURCES["evaluate"]["mem_mb"], 2500 + int(1024 * BENCH.memory_limit_gib))}
     if BENCH.memory_limit_gib else {}
 )
+
+
+def paper_table_outputs():
+    """The paper_table rule's outputs where report_name names a table of the paper (the configs of config/paper/)."""
+    if CFG.report_name not in {table.id for table in load_tables()}:
+        return []
+    return [f"{REPORT}/paper_table.json", f"{REPORT}/paper_table.md"]
 
 
 def benchmark_results():

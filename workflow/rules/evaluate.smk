@@ -7,7 +7,10 @@ rule evaluate:
         unpack(variant_model_input),
         data="results/data/{dataset}",
     output:
-        f"{RESULTS}/{{variant}}/eval/{{dataset}}.json",
+        report(f"{RESULTS}/{{variant}}/eval/{{dataset}}.json", caption="../report/evaluation.rst", category=MODEL,
+               subcategory="Task {dataset}", labels=lambda wildcards: {
+                   "method": VARIANTS[wildcards.variant]["method"], "budget": VARIANTS[wildcards.variant]["budget"],
+                   "model variant": wildcards.variant}),
     params:
         model=variant_model_source,
         family=CFG.model.family,
