@@ -24,6 +24,7 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernel's; f
 # Up to this order the 2^m factor is one matmul with the ±1 matrix, not log2(m) butterfly passes: each pass is a
 # Python-level stack of the whole tensor (measured on one CPU thread, 512 tokens × 1536 = 12·128: 25 ms against 62).
 DENSE_SYLVESTER_MAX = 2048
+BROADCAST_FACTOR_MAX = 64  # odd factors up to this order (12, 20, 36: SmolLM2, LLaVA-13B, SigLIP) multiply each row's block
 
 
 def _is_prime(q: int) -> bool:
@@ -145,7 +146,12 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
             blocks = _walsh_hadamard(blocks)
     if k > 1:
         # (A ⊗ B) on rows: x @ (A ⊗ B) = vec(Aᵀ X B) with X the (k, power) view of x.
-        blocks = _matrix_as(_odd_factor, k, x.dtype, x.device).T @ blocks
+        factor = _matrix_as(_odd_factor, k, x.dtype, x.device)
+        if k <= BROADCAST_FACTOR_MAX:
+            blocks = factor.T @ blocks
+        else:  # one GEMM over all rows: the broadcast form makes CPU matmul copy A once per row (11008 = 5504 * 2)
+            rows = blocks.transpose(-1, -2).reshape(-1, k) @ factor
+            blocks = rows.reshape(*lead, power, k).transpose(-1, -2)
     return blocks.reshape(*lead, n) / math.sqrt(n)
 
 

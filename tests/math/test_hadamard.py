@@ -43,7 +43,7 @@ def test_orders_without_a_construction_are_reported_not_faked():
         hadamard_transform(torch.zeros(2, 4304))
 
 
-@pytest.mark.parametrize("n", [8, 12, 36, 576, 1536])
+@pytest.mark.parametrize("n", [8, 12, 36, 576, 1536, 216, 272])  # 216 = 108·2, 272 = 68·4: odd factors above BROADCAST_FACTOR_MAX
 def test_transform_equals_multiplication_by_the_normalised_matrix(n):
     x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     expected = x @ hadamard_matrix(n) / math.sqrt(n)
