@@ -169,6 +169,7 @@ class QuantSetting(NamedTuple):
 class QuantizationConfig:
     formats: tuple[str, ...] = ()
     weight_method: str = "rtn"
+    act_order: bool = False  # GPTQ only: columns in order of decreasing Hessian diagonal
     group_size: int | None = None
     lm_clip: float = 0.9
     vision_clip: float = 0.85
@@ -194,7 +195,8 @@ class QuantizationConfig:
         fixed = "" if beta is None else f"-beta{number_key(beta)}"
         clips = f"c{number_key(self.lm_clip)}-{number_key(self.vision_clip)}"
         vocabulary = "" if self.vocabulary_bits is None else f"-v{self.vocabulary_bits}"
-        return f"{fmt}-{self.weight_method}{group}-{clips}{scope}{vocabulary}{fixed}-{'rot' if rotate else 'norot'}-s{seed}"
+        order = "-ao" if self.act_order else ""  # only when set: the keys of every existing quantized model stay as they were
+        return f"{fmt}-{self.weight_method}{order}{group}-{clips}{scope}{vocabulary}{fixed}-{'rot' if rotate else 'norot'}-s{seed}"
 
     def settings(self) -> list[QuantSetting]:
         """The main settings (every format and seed at `beta`, with `rotate`), then the rotation ablation
@@ -363,6 +365,11 @@ def _check_ranges(config: QsvdConfig) -> None:
                 "full-precision model reported as simulated quantization; remove it (every model is also evaluated "
                 "in full precision)"
             )
+    if config.quantization.act_order and config.quantization.weight_method != "gptq":
+        raise ConfigError(
+            f"config key quantization.act_order = true needs quantization.weight_method gptq (it orders GPTQ's columns), "
+            f"got {config.quantization.weight_method!r}: set weight_method: gptq or remove act_order"
+        )
     _check_random_model(config)
     source = config.model.source
     if not config.model.is_built and looks_like_path(source) and not Path(source).expanduser().exists():

@@ -136,6 +136,16 @@ def test_beta_ablation_adds_each_fixed_beta_and_per_layer_beta_besides_the_main_
         load_config(_with(["quantization"], {"beta_ablation": [1.5]}))
 
 
+def test_act_order_is_a_gptq_option_with_a_key_of_its_own():
+    gptq = {"formats": ["W4A4"], "weight_method": "gptq"}
+    quant = load_config(_with(["quantization"], gptq | {"act_order": True})).quantization
+    assert quant.act_order and quant.key("W4A4", 0, True, None) == "W4A4-gptq-ao-c0.9-0.85-rot-s0"
+    # unset, the keys of existing GPTQ models are unchanged
+    assert load_config(_with(["quantization"], gptq)).quantization.key("W4A4", 0, True, None) == "W4A4-gptq-c0.9-0.85-rot-s0"
+    with pytest.raises(ConfigError, match="quantization.act_order.*weight_method gptq"):
+        load_config(_with(["quantization"], {"formats": ["W4A4"], "act_order": True}))
+
+
 @pytest.mark.parametrize("key,value", [("formats", ["W9A8"]), ("formats", ["8-bit"]), ("lm_clip", 1.5), ("weight_method", "awq"), ("bits", 4)])
 def test_bad_quantization_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match="quantization"):

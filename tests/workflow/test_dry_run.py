@@ -111,3 +111,11 @@ def test_changing_only_the_benchmark_grid_reruns_the_benchmarks_only(finished_wo
 def test_changing_only_the_peers_reruns_the_uncompressed_benchmark_only(finished_workdir, tmp_path):
     rules = _rules(_dry_run(finished_workdir, _config(tmp_path, **{"benchmark.peers": ["quantized-fp8"]})))
     assert rules == {"benchmark:uncompressed", "benchmark_report"}
+
+
+def test_act_order_reaches_the_quantize_jobs_under_a_key_of_its_own(tmp_path):
+    config = _config(tmp_path, **{"quantization.weight_method": "gptq", "quantization.act_order": True})
+    out = snakemake(tmp_path, "--configfile", str(config), "--dry-run", "--printshellcmds", "--cores", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    quantize = [line for line in out.stdout.splitlines() if "qsvd.cli" in line and " quantize " in line]
+    assert quantize and all('"act_order": true' in line and "-gptq-ao-" in line for line in quantize), quantize[:2]

@@ -159,6 +159,8 @@ def quant_spec(wildcards):
                 vision=QUANT.vision, beta=setting.beta, seed=setting.seed)
     if QUANT.vocabulary_bits is not None:  # only when set: the params of every existing quantized model stay as they were
         spec["vocabulary_bits"] = QUANT.vocabulary_bits
+    if QUANT.act_order:  # likewise
+        spec["act_order"] = True
     return json.dumps(spec, sort_keys=True)
 
 
