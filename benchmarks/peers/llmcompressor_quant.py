@@ -4,7 +4,8 @@ written as qsvd's evaluate stage writes it, so its rows sit in the same tables a
 Runs in llm-compressor's own virtual environment (benchmarks/peers/setup_llmcompressor.sh: llmcompressor 0.14
 needs transformers <= 5.17), where qsvd is installed without its dependencies. Calibration passages and test
 passages are qsvd's materialised data sets (`results/data/...`), encoded by qsvd's own `encode_text` (first 256
-tokens of each passage) and scored by qsvd's own `sequence_nlls` one passage at a time, as `qsvd evaluate` does.
+tokens of each passage) and scored by the evaluate stage's own `passage_nlls` one passage at a time, as
+`qsvd evaluate --batch-size 1` does.
 
 Weights: symmetric int per output channel (llm-compressor's min-max observer, GPTQ with its defaults: static
 act-order, damping 0.01, blocks of 128); activations: symmetric int, dynamic per token, at the input of every
@@ -19,18 +20,18 @@ simulated (fake) quantization: llm-compressor's frozen model dequantizes in its 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from qsvd.artefacts import FILES, atomic_write, file_records, provenance, write_json
+from qsvd.artefacts import provenance
 from qsvd.data.records import read_records
-from qsvd.evaluation.perplexity import perplexity, sequence_nlls
-from qsvd.evaluation.predictions import predictions_path
+from qsvd.evaluation.perplexity import perplexity
+from qsvd.evaluation.predictions import write_result
 from qsvd.models.prompts import encode_text
+from qsvd.stages.evaluate import passage_nlls
 
 log = logging.getLogger("llmcompressor_peer")
 
@@ -83,17 +84,6 @@ def calibration_dataset(tokenizer, data_dir: Path):
                               "attention_mask": [e["attention_mask"][0].tolist() for e in encoded]})
 
 
-def passage_nlls(model, tokenizer, data_dir: Path) -> list[dict]:
-    """Summed NLL of every test passage's first 256 tokens, one passage per forward (qsvd evaluate, batch size 1)."""
-    predictions = []
-    with torch.no_grad():
-        for record in read_records(data_dir):
-            batch = encode_text(tokenizer, record.question, with_labels=False).to(model.device)
-            (nll, tokens), = sequence_nlls(model, batch)
-            predictions.append({"id": record.id, "nll": nll, "tokens": tokens, "mean_nll": nll / tokens})
-    return predictions
-
-
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=Path("results/smollm2/model"), help="a dense transformers checkpoint")
@@ -137,7 +127,9 @@ def main(argv: list[str] | None = None) -> Path:
     compress_seconds = time.perf_counter() - started
     log.info("oneshot took %.1f s", compress_seconds)
     model.eval()
-    predictions = passage_nlls(model, tokenizer, args.evaluation)
+    with torch.no_grad():  # one passage per forward, as `qsvd evaluate --batch-size 1`
+        predictions = [p for record in read_records(args.evaluation)
+                       for p in passage_nlls(model, tokenizer, [record], torch.float32)]
     score = perplexity([x["nll"] for x in predictions], [x["tokens"] for x in predictions])
     log.info("%s %s rotations %s: perplexity %.2f", args.format, args.weight_method, args.rotations, score)
 
@@ -154,15 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
         R1=(weight_bits or 16) / 16, R2=(act_bits or 16) / 16,  # a dense model: QuaRot's costs (README, Table 2 view)
         quant_format=args.format, rotate=bool(args.rotations), weight_method=args.weight_method, peer="llm-compressor",
         task=read_records(args.evaluation)[0].task, metric="perplexity", score=score, num_samples=len(predictions),
-        quantization=f"{args.format} (simulated quantization)", predictions=predictions_path(args.out).name,
+        quantization=f"{args.format} (simulated quantization)",
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    saved = predictions_path(args.out)
-    lines = "".join(json.dumps(x) + "\n" for x in predictions)
-    atomic_write(saved, lambda tmp: tmp.write_text(lines))
-    result[FILES] = file_records(saved.parent, [saved.name])
-    write_json(args.out, result)
-    return args.out
+    return write_result(args.out, result, predictions)
 
 
 if __name__ == "__main__":

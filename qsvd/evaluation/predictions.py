@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qsvd.artefacts import FILES, atomic_write, file_records, write_json
 from qsvd.evaluation.answers import STRICT_RULES, strict_accuracy
 
 SUFFIX = ".predictions.jsonl"
@@ -19,6 +20,16 @@ SUFFIX = ".predictions.jsonl"
 def predictions_path(result_path: str | Path) -> Path:
     """Where the result file `result_path` (`<task>.json`) keeps its predictions."""
     return Path(result_path).with_suffix(SUFFIX)
+
+
+def write_result(result_path: str | Path, result: dict, predictions: list[dict]) -> Path:
+    """Write `predictions` beside the result file (JSON lines), then the result naming them and recording their size
+    and SHA-256 (checked by read_json); each write atomic, the predictions first."""
+    saved = predictions_path(result_path)
+    lines = "".join(json.dumps(p) + "\n" for p in predictions)
+    atomic_write(saved, lambda tmp: tmp.write_text(lines))
+    write_json(result_path, {**result, "predictions": saved.name, FILES: file_records(saved.parent, [saved.name])})
+    return Path(result_path)
 
 
 def read_predictions(result_path: str | Path, result: dict) -> list[dict]:

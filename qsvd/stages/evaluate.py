@@ -11,18 +11,17 @@ excluded from every NLL. Any batch size scores the same up to float rounding.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from qsvd.artefacts import FILES, atomic_write, file_records, provenance, write_json
+from qsvd.artefacts import provenance
 from qsvd.data.records import read_records
 from qsvd.evaluation.answers import score_prediction
 from qsvd.evaluation.perplexity import perplexity, sequence_nlls
-from qsvd.evaluation.predictions import predictions_path
+from qsvd.evaluation.predictions import write_result
 from qsvd.models.checkpoint import open_checkpoint
 from qsvd.models.prompts import (
     FORWARD_PADDING,
@@ -67,7 +66,7 @@ def run_evaluate(
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             if records[0].is_text:
-                predictions += _passage_nlls(model, processor, chunk, dtype)
+                predictions += passage_nlls(model, processor, chunk, dtype)
             else:
                 predictions += _answers(model, processor, adapter, chunk, data_dir, max_new_tokens, dtype)
             progress.update(len(chunk))
@@ -98,14 +97,8 @@ def run_evaluate(
         score=score,
         num_samples=len(predictions),
         quantization=f"{quantization['label']} (simulated quantization)" if quantization else "none (full precision)",
-        predictions=predictions_path(out_path).name,
     )
-    lines = "".join(json.dumps(p) + "\n" for p in predictions)
-    saved = predictions_path(out_path)
-    atomic_write(saved, lambda tmp: tmp.write_text(lines))
-    result[FILES] = file_records(saved.parent, [saved.name])  # checked by read_json
-    write_json(out_path, result)
-    return Path(out_path)
+    return write_result(out_path, result, predictions)
 
 
 def _stop_token_ids(model) -> list[int]:
@@ -136,7 +129,7 @@ def _answers(model, processor, adapter, records, data_dir: Path, max_new_tokens:
     return predictions
 
 
-def _passage_nlls(model, processor, records, dtype: torch.dtype) -> list[dict]:
+def passage_nlls(model, processor, records, dtype: torch.dtype) -> list[dict]:
     """Summed next-token NLL of each passage's first TEXT_TOKENS tokens and how many tokens were predicted."""
     passages = [encode_text(processor, r.question, with_labels=False, max_tokens=TEXT_TOKENS) for r in records]
     batch = pad_batch(passages, processor, FORWARD_PADDING).to(device=model.device, dtype=dtype)
