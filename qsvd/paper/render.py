@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from qsvd.artefacts import atomic_write, write_json
+from qsvd.artefacts import atomic_write, provenance, write_json
 from qsvd.paper.slices import CellView
 from qsvd.paper.tables import PaperTable
 
@@ -82,9 +82,11 @@ def _completeness(table: PaperTable, cells: list[CellView], run_models: list[str
 
 def write_table(table: PaperTable, cells: list[CellView], run_models: list[str], json_path: Path,
                 markdown_path: Path) -> None:
-    """The table as JSON (one record per cell) and as markdown, each written atomically."""
-    write_json(json_path, {"table": table.id, "paper_table": table.paper_table, "caption": table.caption,
-                           "models_run": run_models, "cells": [c.record() for c in cells]})
+    """The table as JSON (one record per cell, with its provenance) and as markdown, each written atomically."""
+    # not the paper_table rule's stage: `qsvd paper-table --results` assembles it from that rule's slices
+    made = provenance("paper_table_assembly", {"table": table.id, "models_run": run_models})
+    write_json(json_path, made | {"table": table.id, "paper_table": table.paper_table, "caption": table.caption,
+                                  "models_run": run_models, "cells": [c.record() for c in cells]})
     write_markdown(table, cells, run_models, markdown_path)
 
 

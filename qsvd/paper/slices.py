@@ -21,6 +21,7 @@ from qsvd.stages.report import LOWER_IS_BETTER, read_results
 log = logging.getLogger(__name__)
 
 SLICE = "paper_table.json"  # results/<model>/<table id>/paper_table.json
+SLICE_MARKDOWN = "paper_table.md"  # beside it: the model's rows of the table (the paper_table rule)
 STAGE = "paper_table"
 VERSION = 1  # of the slice's layout
 

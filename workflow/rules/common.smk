@@ -6,6 +6,7 @@ from pathlib import Path
 
 from qsvd.config import ConfigError, load_config, number_key
 from qsvd.methods import method_by_name
+from qsvd.paper.slices import SLICE, SLICE_MARKDOWN
 from qsvd.paper.tables import load_tables
 from qsvd.preflight import preflight
 from qsvd.stages import STAGE_VERSIONS
@@ -255,7 +256,12 @@ def paper_table_outputs():
     """The paper_table rule's outputs where report_name names a table of the paper (the configs of config/paper/)."""
     if CFG.report_name not in {table.id for table in load_tables()}:
         return []
-    return [f"{REPORT}/paper_table.json", f"{REPORT}/paper_table.md"]
+    return list(paper_table_files().values())
+
+
+def paper_table_files():
+    """The paper_table rule's slice (where `qsvd paper-table --results` looks for it) and its markdown."""
+    return {"json": f"{REPORT}/{SLICE}", "markdown": f"{REPORT}/{SLICE_MARKDOWN}"}
 
 
 def benchmark_results():

@@ -64,9 +64,9 @@ rule paper_table:
         results=evaluation_results(),
         published=str(REPO / "qsvd" / "paper" / "published.yaml"),
     output:
-        json=f"{REPORT}/paper_table.json",
-        markdown=report(f"{REPORT}/paper_table.md", caption="../report/paper_table.rst", category=MODEL,
-                        subcategory="Paper table", labels={"file": "paper_table.md", "shows": "the paper's layout, ours beside"}),
+        json=paper_table_files()["json"],
+        markdown=report(paper_table_files()["markdown"], caption="../report/paper_table.rst", category=MODEL,
+                        subcategory="Paper table", labels={"file": SLICE_MARKDOWN, "shows": "the paper's layout, ours beside"}),
     params:
         table=CFG.report_name,
         version=STAGE_VERSIONS["paper_table"],
