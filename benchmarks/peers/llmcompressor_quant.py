@@ -26,20 +26,11 @@ from pathlib import Path
 
 import torch
 
-from qsvd.artefacts import provenance
+from peer_result import bits_of, score_passages, write_peer_result
 from qsvd.data.records import read_records
-from qsvd.evaluation.perplexity import perplexity
-from qsvd.evaluation.predictions import write_result
 from qsvd.models.prompts import encode_text
-from qsvd.stages.evaluate import passage_nlls
 
 log = logging.getLogger("llmcompressor_peer")
-
-
-def bits_of(fmt: str) -> tuple[int | None, int | None]:
-    """(weight bits, activation bits) of "W4A4"; 16 = full precision."""
-    weight, act = (int(b) for b in fmt[1:].split("A"))
-    return (None if weight == 16 else weight), (None if act == 16 else act)
 
 
 def scheme(weight_bits: int | None, act_bits: int | None, group_size: int | None):
@@ -114,7 +105,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    weight_bits, act_bits = bits_of(args.format)
     modifiers = recipe(args.format, args.weight_method, args.rotations, args.transform_type, args.transform_block_size,
                        args.group_size, args.damping)
     dataset = calibration_dataset(tokenizer, args.calibration)
@@ -126,29 +116,20 @@ def main(argv: list[str] | None = None) -> Path:
                     num_calibration_samples=len(dataset), max_seq_length=max(len(x) for x in dataset["input_ids"]))
     compress_seconds = time.perf_counter() - started
     log.info("oneshot took %.1f s", compress_seconds)
-    model.eval()
-    with torch.no_grad():  # one passage per forward, as `qsvd evaluate --batch-size 1`
-        predictions = [p for record in read_records(args.evaluation)
-                       for p in passage_nlls(model, tokenizer, [record], torch.float32)]
-    score = perplexity([x["nll"] for x in predictions], [x["tokens"] for x in predictions])
+    score, predictions = score_passages(model, tokenizer, args.evaluation)
     log.info("%s %s rotations %s: perplexity %.2f", args.format, args.weight_method, args.rotations, score)
 
     rotation = "+".join(args.rotations) if args.rotations else "no rotations"
-    method = f"llm-compressor {args.weight_method.upper()}, {rotation}"
-    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items() if key != "out"}
+    config = {key: value for key, value in vars(args).items() if key != "out"}
     config["pipeline"] = pipeline
     config["recipe"] = [recipe_entry(m) for m in modifiers]
-    result = provenance("peer-llmcompressor", config, args.seed)
-    result.update(llmcompressor_version=llmcompressor.__version__, compressed_tensors_version=compressed_tensors.__version__,
-                  compress_seconds=compress_seconds)
-    result.update(
-        model=args.model_name, method=method, seed=args.seed, budget="full", budget_kind="none", budget_value=1.0,
-        R1=(weight_bits or 16) / 16, R2=(act_bits or 16) / 16,  # a dense model: QuaRot's costs (README, Table 2 view)
-        quant_format=args.format, rotate=bool(args.rotations), weight_method=args.weight_method, peer="llm-compressor",
-        task=read_records(args.evaluation)[0].task, metric="perplexity", score=score, num_samples=len(predictions),
-        quantization=f"{args.format} (simulated quantization)",
-    )
-    return write_result(args.out, result, predictions)
+    return write_peer_result(
+        args.out, stage="peer-llmcompressor", config=config, seed=args.seed,
+        versions=dict(llmcompressor_version=llmcompressor.__version__,
+                      compressed_tensors_version=compressed_tensors.__version__),
+        peer="llm-compressor", method=f"llm-compressor {args.weight_method.upper()}, {rotation}", fmt=args.format,
+        rotate=bool(args.rotations), weight_method=args.weight_method, execution="simulated", model_name=args.model_name,
+        evaluation=args.evaluation, score=score, predictions=predictions, compress_seconds=compress_seconds)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """One markdown table (rows: method and weight quantizer; columns: precision) of evaluation results of qsvd
-(`qsvd evaluate`) and of the llm-compressor peer (benchmarks/peers/llmcompressor_quant.py), which write the
+(`qsvd evaluate`) and of the peers (benchmarks/peers/llmcompressor_quant.py, torchao_quant.py), which write the
 same result format. Each row names how the weights were quantized, read from the quantized model's manifest
 (qsvd) or from the result's recorded config (peer).
 
     python benchmarks/peers/table.py results/smollm2/uncompressed/eval/sotu-test-n32-s0.json \\
-        results/smollm2/quarot/quant~*/eval/sotu-test-n32-s0.json results/smollm2/peers/llmcompressor/*/eval/*.json
+        results/smollm2/quarot/quant~*/eval/sotu-test-n32-s0.json results/smollm2/peers/*/*/eval/*.json
 """
 
 from __future__ import annotations
