@@ -5,7 +5,9 @@ that read them, then every residual reader gets W Q (the shared low-rank down-pr
 included), every writer Qᵀ W (o_proj, down_proj, the projector's output layer), the embeddings
 E Q, LLaVA-NeXT's image_newline v Q, and lm_head W Q. Online rotations make the inputs of down_proj
 (order = MLP width) and o_proj (across heads; the head-dim part is folded into V) outlier-free.
-H2 rotates each low-rank latent: B ← Rᵀ B, A_p ← A_p R. All folds are done in float64.
+H2 rotates each low-rank latent: B ← Rᵀ B, A_p ← A_p R. All folds are done in float64, a Hadamard rotation by
+the fast transform (O(n log n) per weight row, not a dense n×n product: at LLaVA-7B's width this is most of the
+time of a quantize job).
 
 The vision tower's residual stream is read through LayerNorms, which centre: its rotation Q fixes the
 all-ones vector, so centring commutes with it and an affine-free LayerNorm gives LN(hQ) = LN(h) Q
@@ -15,12 +17,13 @@ writes the stream (CLIP's pre_layrnorm) keeps its affine map as a full linear ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from qsvd.math.hadamard import mean_preserving_rotation, rotation_matrix
+from qsvd.math.hadamard import Rotation, make_rotation, mean_preserving_rotation
 from qsvd.models.lowrank import LatentUpProjection, SharedDownProjection
 from qsvd.models.quantized import QuantizedLinear
 from qsvd.models.registry import (
@@ -48,43 +51,61 @@ class Rotations:
     roles: dict[str, dict] = field(default_factory=dict)
     matrices: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def make(self, role: str, size: int, seed: int, online: bool = False) -> torch.Tensor:
-        """A new orthonormal matrix for `role`, float64. Where a Hadamard is constructible: a plain one for
-        `online` roles (applied to activations at run time), QuaRot's randomized D·H for rotations only
-        folded into weights (so seeds give different rotations); else a seeded random orthogonal matrix."""
-        matrix, kind = rotation_matrix(size, seed, randomized=not online)
-        return self._record(role, size, seed, matrix, kind)
+    def make(self, role: str, size: int, seed: int, online: bool = False) -> Rotation:
+        """A new orthonormal rotation for `role`. Where a Hadamard is constructible: a plain one for `online`
+        roles (applied to activations at run time), QuaRot's randomized D·H for rotations only folded into
+        weights (so seeds give different rotations); else a seeded random orthogonal matrix."""
+        return self._record(role, seed, make_rotation(size, seed, randomized=not online))
 
-    def make_mean_preserving(self, role: str, size: int, seed: int) -> torch.Tensor:
-        """A new orthonormal matrix for `role` that fixes the all-ones vector (a LayerNorm stream's), float64;
-        folded into weights only."""
-        return self._record(role, size, seed, mean_preserving_rotation(size, seed), "mean-preserving")
+    def make_mean_preserving(self, role: str, size: int, seed: int) -> Rotation:
+        """A new orthonormal rotation for `role` that fixes the all-ones vector (a LayerNorm stream's); folded
+        into weights only."""
+        return self._record(role, seed, Rotation(size, "mean-preserving", dense=mean_preserving_rotation(size, seed)))
 
-    def _record(self, role: str, size: int, seed: int, matrix: torch.Tensor, kind: str) -> torch.Tensor:
+    def _record(self, role: str, seed: int, rotation: Rotation) -> Rotation:
         if role in self.roles:
             raise ValueError(f"rotation {role!r} was already made")
-        self.roles[role] = {"size": size, "kind": kind, "seed": seed}
-        if kind == "random":
-            self.matrices[role] = matrix.to(torch.float32)
-        return matrix
+        self.roles[role] = {"size": rotation.size, "kind": rotation.kind, "seed": seed}
+        if rotation.kind == "random":
+            self.matrices[role] = rotation.matrix.to(torch.float32)
+        return rotation
 
     def online_matrix(self, role: str) -> torch.Tensor | None:
         return self.matrices.get(role)
 
 
-def _fold(module: nn.Module, left: torch.Tensor | None = None, right: torch.Tensor | None = None) -> None:
-    """weight ← leftᵀ · weight · right (and bias ← leftᵀ · bias), computed in float64; a convolution's weight
-    as (output channels, everything else)."""
+RowMap = Callable[[torch.Tensor], torch.Tensor]  # x ↦ x·M along the last dimension (a Rotation, or built from them)
+ROW_CHUNK = 4096  # weight rows transformed at a time: bounds a fold's float64 temporaries
+
+
+def _blockwise(rotation: Rotation, blocks: int) -> RowMap:
+    """x ↦ x·diag(Q, …, Q), `blocks` copies of Q along the diagonal."""
+    return lambda x: rotation(x.reshape(*x.shape[:-1], blocks, rotation.size)).reshape(x.shape)
+
+
+def _kronecker(outer: Rotation, inner: Rotation) -> RowMap:
+    """x ↦ x·(A ⊗ B) for A = `outer`, B = `inner`: B within each block of x, then A across the blocks."""
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        blocks = inner(x.reshape(*x.shape[:-1], outer.size, inner.size))
+        return outer(blocks.transpose(-1, -2)).transpose(-1, -2).reshape(x.shape)
+    return apply
+
+
+def _rows(transform: RowMap, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([transform(chunk.contiguous()) for chunk in x.split(ROW_CHUNK)])
+
+
+def _fold(module: nn.Module, left: RowMap | None = None, right: RowMap | None = None) -> None:
+    """weight ← Lᵀ · weight · R (and bias ← Lᵀ · bias) for the maps x ↦ x·L and x ↦ x·R, in float64; a
+    convolution's weight as (output channels, everything else)."""
     with torch.no_grad():
         weight = module.weight.to(torch.float64).flatten(1)
-        left = None if left is None else left.to(weight.device)
-        right = None if right is None else right.to(weight.device)
         if left is not None:
-            weight = left.T @ weight
+            weight = _rows(left, weight.T).T  # Lᵀ W = (Wᵀ L)ᵀ
             if getattr(module, "bias", None) is not None:
-                module.bias.copy_((left.T @ module.bias.to(torch.float64)).to(module.bias.dtype))
+                module.bias.copy_(left(module.bias.to(torch.float64)).to(module.bias.dtype))
         if right is not None:
-            weight = weight @ right
+            weight = _rows(right, weight)
         module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
 
 
@@ -115,7 +136,7 @@ def fold_norms(model: nn.Module, family: ModelFamily) -> None:
         for norm, readers, where in groups:
             scale = _norm_weight(norm, where).to(torch.float64)
             for reader in readers:
-                _fold(reader, right=torch.diag(scale))
+                _fold(reader, right=lambda x, scale=scale: x * scale.to(x.device))  # W·diag(γ)
             norm.weight.fill_(1.0)
 
 
@@ -178,15 +199,15 @@ def rotate_language_model(model: nn.Module, family: ModelFamily, seed: int) -> R
             for reader in attention_readers(layer, family) + [part(layer, p, family) for p in family.mlp_inputs]:
                 _fold(reader, right=residual)
             v_proj = qkv_projections(layer, family)[2]
-            _fold(v_proj, left=torch.block_diag(*[head_dim] * shape.num_kv_heads))
-            _fold(part(attention_of(layer, family), family.o_proj, family), left=residual, right=torch.kron(heads, head_dim))
+            _fold(v_proj, left=_blockwise(head_dim, shape.num_kv_heads))
+            _fold(part(attention_of(layer, family), family.o_proj, family), left=residual, right=_kronecker(heads, head_dim))
             _fold(part(layer, family.mlp_output, family), left=residual, right=mlp_down)
         _fold(part(model, family.lm_head, family), right=residual)
         if family.projector_output is not None:
             _fold(part(model, family.projector_output, family), left=residual)
         if family.image_newline is not None:
             newline = part(model, family.image_newline, family)
-            newline.copy_((newline.to(torch.float64) @ residual.to(newline.device)).to(newline.dtype))
+            newline.copy_(residual(newline.to(torch.float64)).to(newline.dtype))
     install_online_rotations(model, family, rotations)
     return rotations
 
@@ -227,7 +248,7 @@ def _fold_layer_norm(norm: nn.Module, readers: list[nn.Module], where: str, bloc
         norm.bias.zero_()
 
 
-def _rotate_writer(writer: nn.Module, rotation: torch.Tensor, where: str) -> None:
+def _rotate_writer(writer: nn.Module, rotation: Rotation, where: str) -> None:
     """The stream state `writer` produces becomes h·Q: output channels of a conv or linear, rows of a table."""
     if isinstance(writer, (nn.Linear, nn.Conv2d)):
         _fold(writer, left=rotation)
@@ -290,15 +311,15 @@ def rotate_vision_tower(model: nn.Module, family: ModelFamily, seed: int, rotati
         if pre_norm is not None:
             scale, shift = pre_norm
             affine = part(model, family.vision_pre_norm, family).linear
-            affine.weight.copy_((residual.T * scale).to(affine.weight.dtype))  # (diag(γ)·Q)ᵀ
-            affine.bias.copy_((shift @ residual).to(affine.bias.dtype))
+            affine.weight.copy_((residual.matrix.T * scale).to(affine.weight.dtype))  # (diag(γ)·Q)ᵀ
+            affine.bias.copy_(residual(shift).to(affine.bias.dtype))
         for layer in layers:
             for reader_path in (*family.vision_qkv, *family.vision_mlp_inputs):
                 _fold(part(layer, reader_path, family), right=residual)
-            _fold(part(layer, family.vision_qkv[2], family), left=torch.block_diag(*[head_dim] * num_heads))
-            _fold(part(layer, family.vision_attention_output, family), left=residual, right=torch.kron(heads, head_dim))
+            _fold(part(layer, family.vision_qkv[2], family), left=_blockwise(head_dim, num_heads))
+            _fold(part(layer, family.vision_attention_output, family), left=residual, right=_kronecker(heads, head_dim))
             _fold(part(layer, family.vision_mlp_output, family), left=residual, right=mlp_down)
-        _fold(reader, right=torch.kron(torch.eye(blocks, dtype=torch.float64), residual))
+        _fold(reader, right=_blockwise(residual, blocks))
     install_online_rotations(model, family, rotations)
 
 
@@ -322,5 +343,5 @@ def rotate_latents(model: nn.Module, family: ModelFamily, seed: int, rotations: 
         _fold(down, left=rotation)
         for up in ups:
             _fold(up, right=rotation)
-        matrices.append(rotation)
+        matrices.append(rotation.matrix)
     return matrices

@@ -9,9 +9,13 @@ from qsvd.math.decompose import joint_factors, scaled_svd
 from qsvd.models.prompts import encode_prompt
 from qsvd.models.quantized import QuantizedLinear
 from qsvd.models.registry import decoder_layers, family_by_name, part, set_part, vision_layers
+from qsvd.math.hadamard import make_rotation
 from qsvd.models.rotation import (
     LinearAffineLayerNorm,
     Rotations,
+    _blockwise,
+    _fold,
+    _kronecker,
     fold_norms,
     latent_modules,
     rotate_language_model,
@@ -108,7 +112,33 @@ def test_random_rotations_are_kept_for_orders_without_a_hadamard():
     rotations = Rotations()
     matrix = rotations.make("heads", 9, seed=5)  # SmolLM2's 9 query heads: no Hadamard of order 9
     assert rotations.roles["heads"]["kind"] == "random"
-    torch.testing.assert_close(rotations.online_matrix("heads"), matrix.float())
+    torch.testing.assert_close(rotations.online_matrix("heads"), matrix.matrix.float())
+
+
+@pytest.mark.parametrize("size, randomized, kind", [(4096, True, "randomized-hadamard"), (576, False, "hadamard"),
+                                                   (1536, True, "randomized-hadamard"), (9, True, "random")])
+def test_a_rotation_applies_itself_to_rows_as_its_dense_matrix(size, randomized, kind):
+    rotation = make_rotation(size, seed=3, randomized=randomized)
+    x = torch.randn(5, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert rotation.kind == kind
+    torch.testing.assert_close(rotation(x), x @ rotation.matrix, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotation.matrix @ rotation.matrix.T, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_a_fold_by_structured_maps_equals_the_dense_products():
+    """Lᵀ W R with L = diag(B, B, B) (V's head-dim rotation) and R = A ⊗ B (o_proj's input), and the bias Lᵀ b."""
+    heads, head_dim = make_rotation(3, seed=0), make_rotation(64, seed=1, randomized=True)  # random ⊗ Hadamard
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(3 * 64, 3 * 64).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g, dtype=torch.float64))
+        linear.bias.copy_(torch.randn(linear.bias.shape, generator=g, dtype=torch.float64))
+    weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+    left = torch.block_diag(*[head_dim.matrix] * 3)
+    right = torch.kron(heads.matrix, head_dim.matrix)
+    _fold(linear, left=_blockwise(head_dim, 3), right=_kronecker(heads, head_dim))
+    torch.testing.assert_close(linear.weight.detach(), left.T @ weight @ right, rtol=0, atol=1e-12)
+    torch.testing.assert_close(linear.bias.detach(), left.T @ bias, rtol=0, atol=1e-12)
 
 
 def test_folding_norms_keeps_the_function(tiny_model, images):

@@ -23,6 +23,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def finished_workdir(tmp_path_factory) -> Path:
     """A workdir in which the reduced demo config (config/test.yaml) has run to the end."""
     workdir = tmp_path_factory.mktemp("workflow")
-    out = snakemake(workdir, "--configfile", str(REPO / "config" / "test.yaml"), "--cores", "2")
+    # one thread per job, two jobs at a time: the demo's jobs are mostly interpreter start-up and imports
+    out = snakemake(workdir, "--configfile", str(REPO / "config" / "test.yaml"), "--cores", "2", "--max-threads", "1")
     assert out.returncode == 0, out.stderr[-5000:]
     return workdir
