@@ -16,6 +16,7 @@ rotations and activation quantizers, then assigns the stored tensors into place.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from qsvd.models.base import base_identity, base_record, changed_tensors, track_
 from qsvd.models.device import resolve_device
 from qsvd.models.quantized import Target, input_transforms
 from qsvd.models.registry import ModelFamily, family_by_name
-from qsvd.models.rotation import Rotations, install_rotated_modules
+from qsvd.models.rotation import Rotations, install_rotated_modules, untie_lm_head
 from qsvd.models.surgery import install_lowrank_shells
 
 TENSORS = "tensors.safetensors"
@@ -129,13 +130,33 @@ def _dequantized_weights(path: Path, quantization: dict, dtype: torch.dtype, dev
     return {f"{layer['name']}.weight": stored_weight(stored, layer).dequantize(dtype) for layer in layers}
 
 
+def _ties(config) -> bool:
+    return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+
+
+def _with_ties(config, tie: bool):
+    """A copy of `config` with tie_word_embeddings = `tie` on it and on its text config."""
+    config = copy.deepcopy(config)
+    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+        part.tie_word_embeddings = tie
+    return config
+
+
 def _skeleton(path: Path, manifest: dict, config, dtype: torch.dtype | None, device: torch.device) -> tuple[nn.Module, bool]:
     """(model, lean): the base model itself for a lean checkpoint, else a meta-device skeleton of its class."""
     from qsvd.models.loading import load_model
 
     if "base" in manifest:
         verify_base(manifest["base"], path)
-        model, _ = load_model(manifest["base"]["source"], dtype=dtype, family=manifest["family"], device=device, config=config)
+        source = manifest["base"]["source"]
+        untied = _ties(transformers.AutoConfig.from_pretrained(source)) and not _ties(config)
+        # A base with tied embeddings has no lm_head tensor: loaded with the compressed model's untied config,
+        # transformers would report lm_head missing and initialise it at random. Load it tied, then untie (the
+        # checkpoint holds the compressed lm_head).
+        model, _ = load_model(source, dtype=dtype, family=manifest["family"], device=device,
+                              config=_with_ties(config, True) if untied else config)
+        if untied:
+            untie_lm_head(model, family_by_name(manifest["family"]))
         return model, True
     from accelerate import init_empty_weights
 

@@ -214,3 +214,27 @@ def test_automodel_from_pretrained_rebuilds_an_export_and_save_pretrained_round_
         assert any(getattr(m, "kernel", None) == "int_mm" for m in again.modules())
     if quantized and quantized.vocabulary_bits:
         assert again.get_input_embeddings().kernel == "row gather" and again.lm_head.kernel == "int_mm"
+
+
+def test_a_rotated_checkpoint_of_a_tied_model_reloads_without_a_missing_lm_head(tmp_path, monkeypatch):
+    """The rotations untie lm_head from the embeddings; the base (tied) has no lm_head tensor. Reloading must not load
+    the base under the untied config (transformers would report lm_head missing and initialise it at random)."""
+    from tests.conftest import build_tiny
+
+    model, tokenizer = build_tiny("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "tied" / "model.safetensors"))
+    out = run_quantize(str(tmp_path / "tied"), "llama", None, QuantSpec(weight_bits=8, act_bits=8, clip_search=False),
+                       tmp_path / "w8a8")
+    reports = []
+    real = transformers.modeling_utils.log_state_dict_report
+    monkeypatch.setattr(transformers.modeling_utils, "log_state_dict_report",
+                        lambda **kw: reports.append(kw["loading_info"]) or real(**kw))
+    for packed in (False, True):
+        reloaded, _, manifest = load_checkpoint(out, packed=packed)
+        assert "base" in manifest and not reloaded.config.tie_word_embeddings
+        assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    assert reports and not any(info.missing_keys for info in reports), [info.missing_keys for info in reports]
