@@ -43,7 +43,9 @@ def test_orders_without_a_construction_are_reported_not_faked():
         hadamard_transform(torch.zeros(2, 4304))
 
 
-@pytest.mark.parametrize("n", [8, 12, 36, 576, 1536, 216, 272])  # 216 = 108·2, 272 = 68·4: odd factors above BROADCAST_FACTOR_MAX
+# 216 = 108·2, 272 = 68·4, 5504 (LLaVA-7B's 11008 = 5504·2): Paley I factors above BROADCAST_FACTOR_MAX, by FFT;
+# 4096 = 2^12: two Sylvester matmuls (64·64)
+@pytest.mark.parametrize("n", [8, 12, 36, 576, 1536, 216, 272, 5504, 4096])
 def test_transform_equals_multiplication_by_the_normalised_matrix(n):
     x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     expected = x @ hadamard_matrix(n) / math.sqrt(n)
