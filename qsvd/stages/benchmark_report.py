@@ -84,6 +84,19 @@ def series(row: dict) -> str:
     return f"{row['variant']} · {row['cache_mode']} · {row['execution']}"
 
 
+MARKERS = "osD^vP*Xh<>p"
+
+
+def series_styles(names) -> dict[str, dict]:
+    """A colour and a marker per series, the same in every panel and plot: matplotlib's default cycle repeats after
+    10 colours, a benchmark of one model holds 14-16 series (tab20 up to 20, then colours spread over turbo)."""
+    from matplotlib import colormaps
+
+    ordered = sorted(set(names))
+    colours = colormaps["tab20"] if len(ordered) <= 20 else colormaps["turbo"].resampled(len(ordered))
+    return {name: {"color": colours(i), "marker": MARKERS[i % len(MARKERS)]} for i, name in enumerate(ordered)}
+
+
 def _order(row: dict) -> tuple:
     return (row["model"], row["runner"] == "qsvd", str(row["variant"]), str(row["runner"]), str(row["execution"]),
             str(row["cache_mode"]), row["context"] or 0, row["batch"] or 0)
@@ -277,6 +290,7 @@ def throughput_plot(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(5 * len(batches) + 3, 4 * len(models)), layout="constrained")
     axes = fig.subplots(len(models), len(batches), squeeze=False)
     marks = crossover_points(ok)
+    styles = series_styles(series(r) for r in ok)
     for model, row_axes in zip(models, axes):
         for batch, ax in zip(batches, row_axes):
             lines = defaultdict(list)
@@ -285,7 +299,7 @@ def throughput_plot(rows: list[dict], path: Path) -> None:
                     lines[series(r)].append((r["context"], r["tokens_per_s"]))
             for name, points in lines.items():
                 xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, marker="o", linestyle="--" if "simulated" in name else "-", label=name)
+                ax.plot(xs, ys, linestyle="--" if "simulated" in name else "-", label=name, **styles[name])
             for mark_model, mark_batch, context, value in marks:
                 if (mark_model, mark_batch) == (model, batch):
                     ax.plot([context], [value], marker="*", markersize=16, color="black", linestyle="none")
@@ -305,6 +319,7 @@ def cache_plot(rows: list[dict], path: Path) -> None:
     models = _models(ok) or ["no measurements"]
     fig = Figure(figsize=(10, 4.5 * len(models)), layout="constrained")
     axes = fig.subplots(len(models), 1, squeeze=False)[:, 0]
+    colours = {name: style["color"] for name, style in series_styles(series(r) for r in ok).items()}
     for model, ax in zip(models, axes):
         lines = defaultdict(dict)
         for r in ok:
@@ -313,7 +328,7 @@ def cache_plot(rows: list[dict], path: Path) -> None:
         for name, cells in lines.items():
             contexts = sorted(cells)
             per_sequence = [cells[c]["cache_bytes"] / cells[c]["batch"] for c in contexts]
-            line, = ax.plot(contexts, per_sequence, marker="o", label=name)
+            line, = ax.plot(contexts, per_sequence, marker="o", label=name, color=colours[name])
             predicted = [(c, cells[c]["predicted_cache_bytes"] / cells[c]["batch"]) for c in contexts
                          if cells[c]["predicted_cache_bytes"]]
             if predicted:

@@ -98,3 +98,13 @@ def test_rows_are_labelled_measured_match_the_cost_model_and_render(benchmarks, 
     assert "Where `latent` overtakes `kv`" in table and "what fits a 1 GiB cache" in table
     assert all(files[name].stat().st_size > 1000 for name in ("tokens.png", "cache.png", "budget.png"))
 
+
+
+def test_every_series_of_a_plot_has_its_own_colour_and_keeps_it():
+    from qsvd.stages.benchmark_report import series_styles
+
+    names = [f"variant {i} · latent · real" for i in range(16)]  # a benchmark of one model holds 14-16 series
+    styles = series_styles(names + names[:3])
+    assert len({style["color"] for style in styles.values()}) == 16
+    assert series_styles(reversed(names)) == styles  # the same series, the same style, in any plot
+    assert len({style["color"] for style in series_styles([f"s{i}" for i in range(30)]).values()}) == 30
