@@ -19,14 +19,13 @@ simulated (fake) quantization: llm-compressor's frozen model dequantizes in its 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from peer_result import bits_of, score_passages, write_peer_result
+from peer_result import bits_of, peer_parser, score_passages, start, write_peer_result
 from qsvd.data.records import read_records
 from qsvd.models.prompts import encode_text
 
@@ -76,11 +75,8 @@ def calibration_dataset(tokenizer, data_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("results/smollm2/model"), help="a dense transformers checkpoint")
-    p.add_argument("--model-name", default="smollm2", help="the `model` label of the result (qsvd's model.name)")
+    p = peer_parser(__doc__.split("\n\n")[0])
     p.add_argument("--calibration", type=Path, default=Path("results/data/sotu-train-n32-s0"))
-    p.add_argument("--evaluation", type=Path, default=Path("results/data/sotu-test-n32-s0"))
     p.add_argument("--format", default="W4A4", help="W<w>A<a>, 16 = full precision on that side")
     p.add_argument("--weight-method", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--rotations", nargs="*", default=["R1", "R2", "R4"], help="SpinQuantModifier rotations; none: no rotation")
@@ -90,12 +86,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--group-size", type=int, default=None, help="weight columns per scale; default one scale per output channel")
     p.add_argument("--damping", type=float, default=0.01, help="GPTQ dampening_frac")
     p.add_argument("--seed", type=int, default=0, help="torch's global seed (calibration shuffling, random rotations)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True, help="the result JSON (predictions written beside it)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     torch.manual_seed(args.seed)  # llm-compressor draws its random Hadamard signs and calibration order from the global RNG
 
     import compressed_tensors

@@ -4,6 +4,8 @@ same tables as QuaRot and QSVD (benchmarks/peers/table.py)."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +15,24 @@ from qsvd.data.records import read_records
 from qsvd.evaluation.perplexity import perplexity
 from qsvd.evaluation.predictions import write_result
 from qsvd.stages.evaluate import passage_nlls
+
+
+def peer_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every peer script takes: the dense model and its label, the test passages, threads, the result."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", type=Path, default=Path("results/smollm2/model"), help="a dense transformers checkpoint")
+    p.add_argument("--model-name", default="smollm2", help="the `model` label of the result (qsvd's model.name)")
+    p.add_argument("--evaluation", type=Path, default=Path("results/data/sotu-test-n32-s0"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True, help="the result JSON (predictions written beside it)")
+    return p
+
+
+def start(args: argparse.Namespace) -> None:
+    """Logging and torch's thread count, as the parsed peer arguments say."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def bits_of(fmt: str) -> tuple[int | None, int | None]:

@@ -12,7 +12,6 @@ quantized linears on int8 values (its integer matmul), so the cell is real quant
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peer_result import score_passages, write_peer_result
+from peer_result import peer_parser, score_passages, start, write_peer_result
 
 log = logging.getLogger("torchao_peer")
 
@@ -38,17 +37,10 @@ def quantize_decoder_linears(model: nn.Module, fmt: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("results/smollm2/model"), help="a dense transformers checkpoint")
-    p.add_argument("--model-name", default="smollm2", help="the `model` label of the result (qsvd's model.name)")
-    p.add_argument("--evaluation", type=Path, default=Path("results/data/sotu-test-n32-s0"))
+    p = peer_parser(__doc__.split("\n\n")[0])
     p.add_argument("--format", default="W8A8", choices=sorted(CONFIGS), help="the torchao config (CPU: W8A8 only)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True, help="the result JSON (predictions written beside it)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
 
     import torchao
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from qsvd.artefacts import read_json
-from qsvd.data.records import TEXT, Record, write_records
 from qsvd.stages.evaluate import run_evaluate
+from tests.stages.test_batching import passages  # noqa: F401  (fixture)
 from tests.workflow.conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
@@ -17,16 +17,6 @@ import peer_result  # noqa: E402
 import table  # noqa: E402
 
 pytestmark = pytest.mark.unit
-
-PASSAGES = ["what color is the shape? it is a red circle.", "is there a square? yes, a blue square and a green triangle."]
-
-
-@pytest.fixture
-def passages(tmp_path):
-    directory = tmp_path / "passages"
-    write_records(directory, [Record(id=f"doc-{i}", task="text", question=p, answer="", kind=TEXT) for i, p in enumerate(PASSAGES)])
-    return directory
-
 
 def test_a_peer_result_scores_as_the_evaluate_stage_and_sits_in_the_peer_table(saved_tiny_model, passages, tmp_path):
     directory, model, tokenizer = saved_tiny_model("llama")
