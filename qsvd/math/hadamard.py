@@ -157,7 +157,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         factor = _matrix_as(_odd_factor, k, x.dtype, x.device)
         if k <= BROADCAST_FACTOR_MAX:
             blocks = factor.T @ blocks
-        else:  # one GEMM over all rows: the broadcast form makes CPU matmul copy A once per row (11008 = 5504 * 2)
+        else:  # one GEMM over all rows (a Paley II factor above 64): the broadcast form makes CPU matmul copy A per row
             rows = blocks.transpose(-1, -2).reshape(-1, k) @ factor
             blocks = rows.reshape(*lead, power, k).transpose(-1, -2)
     return blocks.reshape(*lead, n) / math.sqrt(n)

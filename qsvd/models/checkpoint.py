@@ -32,7 +32,7 @@ from qsvd.models.base import base_identity, base_record, changed_tensors, track_
 from qsvd.models.device import resolve_device
 from qsvd.models.quantized import Target, input_transforms
 from qsvd.models.registry import ModelFamily, family_by_name
-from qsvd.models.rotation import Rotations, install_rotated_modules, untie_lm_head
+from qsvd.models.rotation import Rotations, install_rotated_modules, set_tied_embeddings, untie_lm_head
 from qsvd.models.surgery import install_lowrank_shells
 
 TENSORS = "tensors.safetensors"
@@ -134,11 +134,9 @@ def _ties(config) -> bool:
     return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
 
 
-def _with_ties(config, tie: bool):
-    """A copy of `config` with tie_word_embeddings = `tie` on it and on its text config."""
+def _tied_copy(config):
     config = copy.deepcopy(config)
-    for part in {id(c): c for c in (config, config.get_text_config())}.values():
-        part.tie_word_embeddings = tie
+    set_tied_embeddings(config, True)
     return config
 
 
@@ -154,7 +152,7 @@ def _skeleton(path: Path, manifest: dict, config, dtype: torch.dtype | None, dev
         # transformers would report lm_head missing and initialise it at random. Load it tied, then untie (the
         # checkpoint holds the compressed lm_head).
         model, _ = load_model(source, dtype=dtype, family=manifest["family"], device=device,
-                              config=_with_ties(config, True) if untied else config)
+                              config=_tied_copy(config) if untied else config)
         if untied:
             untie_lm_head(model, family_by_name(manifest["family"]))
         return model, True
@@ -199,7 +197,7 @@ def load_checkpoint(
     _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise RuntimeError(f"checkpoint {path} does not match its manifest: unexpected tensors {unexpected[:5]}")
-    if not lean and getattr(config.get_text_config(), "tie_word_embeddings", False):
+    if not lean and _ties(config):
         model.tie_weights()
     empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:

@@ -145,8 +145,13 @@ def untie_lm_head(model: nn.Module, family: ModelFamily) -> None:
     head, embeddings = part(model, family.lm_head, family), part(model, family.embeddings, family)
     if head.weight is embeddings.weight or head.weight.data_ptr() == embeddings.weight.data_ptr():
         head.weight = nn.Parameter(embeddings.weight.detach().clone())
-    for config in {id(c): c for c in (model.config, text_config(model))}.values():
-        config.tie_word_embeddings = False
+    set_tied_embeddings(model.config, False)
+
+
+def set_tied_embeddings(config, tie: bool) -> None:
+    """tie_word_embeddings = `tie` on `config` and on its text config (a VLM's LM reads the latter)."""
+    for each in {id(c): c for c in (config, config.get_text_config())}.values():
+        each.tie_word_embeddings = tie
 
 
 def _quantized(root: nn.Module, path: str, family: ModelFamily) -> QuantizedLinear:
