@@ -140,7 +140,7 @@ def _benchmark(a):
     from qsvd.math.cost import CACHE_MODES
     from qsvd.stages.benchmark import EXECUTIONS, PEERS, Grid, run_benchmark
 
-    grid = Grid(tuple(a.batch_sizes), tuple(a.contexts), a.decode_steps, a.warmup)
+    grid = Grid(tuple(a.batch_sizes), tuple(a.contexts), a.decode_steps, a.warmup, a.max_prompt_tokens)
     run_benchmark(a.model, a.family, a.out, json.loads(a.labels), grid, tuple(a.cache_modes or CACHE_MODES),
                   tuple(a.executions or EXECUTIONS), tuple(PEERS if a.peers is None else a.peers), DTYPES[a.dtype],
                   device=a.device, memory_limit_gib=a.memory_limit_gib)
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048, 8192])
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed (the median is the figure)")
     p.add_argument("--warmup", type=int, default=4, help="decode steps run before the timed ones")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="skip cells whose batch × context exceeds this (default: no cap)")
     p.add_argument("--cache-modes", nargs="+", default=None, help="kv, latent, latent_v (default: all)")
     p.add_argument("--executions", nargs="+", default=None,
                    help="a quantized model with integer kernels (real) and/or dequantized weights (simulated); default both")

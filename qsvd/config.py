@@ -223,6 +223,7 @@ class BenchmarkConfig:
     contexts: tuple[int, ...] = (128, 512, 2048, 8192)
     decode_steps: int = 16
     warmup: int = 4
+    max_prompt_tokens: int | None = None
     threads: int | None = None
     cache_modes: tuple[str, ...] = ("kv", "latent", "latent_v")
     executions: tuple[str, ...] = ("real", "simulated")

@@ -73,10 +73,13 @@ class Grid:
     contexts: tuple[int, ...] = (128, 512, 2048, 8192)
     decode_steps: int = 16
     warmup: int = 4
+    max_prompt_tokens: int | None = None  # cells whose batch × context exceeds it are skipped (listed)
 
     def __post_init__(self) -> None:
         if min(self.batch_sizes) < 1 or min(self.contexts) < 1 or self.decode_steps < 1 or self.warmup < 0:
             raise ValueError(f"benchmark grid needs batch sizes, contexts and decode_steps ≥ 1, warmup ≥ 0: {self}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"benchmark max_prompt_tokens must be ≥ 1 or None, got {self.max_prompt_tokens}")
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,10 @@ def measure_subject(subject: Subject, grid: Grid, device: torch.device, limit: i
             if tokens > positions:
                 row.update(status="skipped", reason=f"{tokens} tokens exceed the model's max_position_embeddings "
                            f"({positions})")
+                continue
+            if grid.max_prompt_tokens is not None and batch * context > grid.max_prompt_tokens:
+                row.update(status="skipped", reason=f"batch × context = {batch * context} prompt tokens > "
+                           f"benchmark.max_prompt_tokens ({grid.max_prompt_tokens})")
                 continue
             if estimate > limit:
                 row.update(status="skipped", reason=f"estimated peak {estimate / 2**30:.2f} GiB > memory limit "

@@ -144,8 +144,8 @@ def _latent_and_kv(rows: list[dict]) -> dict[tuple, tuple[list[int], dict[int, f
 def crossovers(rows: list[dict]) -> list[str]:
     """Per compressed model, execution and batch: where `latent` overtakes `kv` in tokens/s, if it does."""
     lines = []
-    for (_, variant, execution, batch), (contexts, latent, kv) in sorted(_latent_and_kv(rows).items(),
-                                                                        key=lambda item: tuple(map(str, item[0]))):
+    ordered = sorted(_latent_and_kv(rows).items(), key=lambda item: (*map(str, item[0][:3]), item[0][3]))
+    for (_, variant, execution, batch), (contexts, latent, kv) in ordered:  # batches in numeric order
         faster = [c for c in contexts if latent[c] > kv[c]]
         where = f"{variant} ({execution}), batch {batch}"
         if not faster:

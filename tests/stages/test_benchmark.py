@@ -13,7 +13,7 @@ from qsvd.math.cost import CACHE_MODES
 from qsvd.machine import Roofline
 from qsvd.stages.activation_stats import run_activation_stats
 from qsvd.stages.benchmark import EXECUTIONS, PEERS, Grid, run_benchmark
-from qsvd.stages.benchmark_report import write_benchmark_report
+from qsvd.stages.benchmark_report import crossovers, write_benchmark_report
 from qsvd.stages.decompose import run_decompose
 from qsvd.stages.lowrank_model import run_lowrank_model
 from qsvd.stages.quantize import QuantSpec, run_quantize
@@ -108,3 +108,26 @@ def test_every_series_of_a_plot_has_its_own_colour_and_keeps_it():
     assert len({style["color"] for style in styles.values()}) == 16
     assert series_styles(reversed(names)) == styles  # the same series, the same style, in any plot
     assert len({style["color"] for style in series_styles([f"s{i}" for i in range(30)]).values()}) == 30
+def test_cells_over_the_prompt_token_cap_are_listed_as_skipped(tiny_model, tmp_path):
+    model, processor = tiny_model("llama", kv_heads=2)
+    source = _saved(model, processor, tmp_path / "model")
+    grid = Grid(batch_sizes=(1, 2), contexts=(8, 24), decode_steps=1, warmup=0, max_prompt_tokens=24)
+    roofline = Roofline(torch.device("cpu"), copy_bytes=2**20, matmul_size=64, repeats=1)
+    path = run_benchmark(str(source), "llama", tmp_path / "inference.json", {"model": "tiny"}, grid,
+                         peers=("dynamic-float32",), roofline=roofline)
+    cells = {(r["batch"], r["context"]): r for r in read_json(path)["rows"]}
+    assert {cell for cell, row in cells.items() if row["status"] == "ok"} == {(1, 8), (2, 8), (1, 24)}
+    assert cells[2, 24]["status"] == "skipped" and "48 prompt tokens > benchmark.max_prompt_tokens (24)" in (
+        cells[2, 24]["reason"])
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        Grid(max_prompt_tokens=0)
+
+
+def test_crossovers_are_listed_in_numeric_batch_order():
+    rows = [{"status": "ok", "runner": "qsvd", "model": "m", "variant": "v", "execution": "real", "batch": batch,
+             "cache_mode": mode, "context": context, "tokens_per_s": speed}
+            for batch in (16, 4, 1) for context in (128, 512)
+            for mode, speed in (("kv", 10.0), ("latent", 5.0 if context == 128 else 20.0))]
+    lines = crossovers(rows)
+    assert [line.split("batch ")[1].split(":")[0] for line in lines] == ["1", "4", "16"]
+    assert all("latent overtakes kv at context 512" in line for line in lines)

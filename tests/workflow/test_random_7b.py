@@ -1,4 +1,5 @@
-"""The whole DAG at LLaVA-1.5-7B's width: random weights, 2 of 32 decoder layers (config/llava-1.5-7b-random.yaml)."""
+"""The whole DAG at LLaVA-1.5-7B's width: random weights, one of its 32 decoder layers (config/llava-1.5-7b-random.yaml
+cut from two to one: the per-layer stages are the suite's slowest at 4096 width)."""
 
 import json
 from pathlib import Path
@@ -17,9 +18,10 @@ def _bytes(directory: Path) -> int:
 
 
 def _cheaper_config(tmp_path: Path) -> Path:
-    """The shipped config with the LM at full width but fewer of what only adds time: 2 of CLIP's 24 layers,
-    2 samples each, β fixed (no per-layer search)."""
+    """The shipped config with the LM at full width but fewer of what only adds time: 1 decoder layer (of 2), 2 of
+    CLIP's 24 layers, 2 samples each, β fixed (no per-layer search)."""
     config = yaml.safe_load((REPO / "config" / "llava-1.5-7b-random.yaml").read_text())
+    config["random_model"]["layers"] = 1
     config["random_model"]["vision_layers"] = 2
     config["calibration"]["num_samples"] = 2
     config["evaluation"]["tasks"][0]["num_samples"] = 2
@@ -41,11 +43,11 @@ def test_the_7b_wide_dag_runs_in_bfloat16_with_lean_leaves(tmp_path):
     for checkpoint in (*leaves, *quantized):
         manifest = read_json(checkpoint / "manifest.json")
         assert manifest["dtype"] == "bfloat16" and manifest["base"]["source"].endswith("llava-1.5-7b-random/model")
-    # Goal at R1 = 0.6: a low-rank leaf holds at most 0.2x the base model's bytes (it holds ~0.05x at 2 layers).
+    # Goal at R1 = 0.6: a low-rank leaf holds at most 0.2x the base model's bytes (0.06x measured at 1 layer).
     assert _bytes(leaves[0]) <= 0.2 * _bytes(base)
-    # A W4A4 leaf holds the bf16 embeddings and lm_head, which at 2 of 32 layers (and 2 CLIP layers) dominate:
-    # 0.54x measured here; the README's benchmark extrapolates 0.30x to the full model.
-    assert _bytes(quantized[0]) <= 0.6 * _bytes(base)
+    # A W4A4 leaf holds the bf16 embeddings and lm_head (the rotation changes them), which at 1 of 32 layers (and 2
+    # CLIP layers) dominate: 0.66x measured here (0.54x at 2 layers); the README's benchmark extrapolates 0.30x to 32.
+    assert _bytes(quantized[0]) <= 0.7 * _bytes(base)
     scores = [json.loads(p.read_text()) for p in results.glob("**/eval/*.json")]
     assert len(scores) == 3 and all(s["num_samples"] == 2 for s in scores)
     assert (results / "report" / "tables.md").is_file()

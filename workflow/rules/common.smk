@@ -286,6 +286,8 @@ def benchmark_args(wildcards):
         args += ["--peers", *BENCH.peers]
     else:
         args += ["--cache-modes", *BENCH.cache_modes, "--executions", *BENCH.executions]
+    if BENCH.max_prompt_tokens is not None:
+        args += ["--max-prompt-tokens", str(BENCH.max_prompt_tokens)]
     if BENCH.memory_limit_gib is not None:
         args += ["--memory-limit-gib", f"{BENCH.memory_limit_gib:g}"]
     return shlex.join(args)
