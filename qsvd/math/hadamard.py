@@ -4,7 +4,7 @@ Orders come from Sylvester (2^m), Paley I (q + 1, q prime ≡ 3 mod 4), Paley II
 ≡ 1 mod 4), and the Kronecker product of one Paley matrix with a Sylvester one: 12, 20, 28, 36, 44,
 60, 108, 140, ... times any 2^m.
 Where no construction is known here (e.g. SigLIP-so400m's 4304 = 16·269), callers use a
-seeded random orthogonal matrix instead (`rotation_matrix`). `mean_preserving_rotation` builds a
+seeded random orthogonal matrix instead (`make_rotation`). `mean_preserving_rotation` builds a
 rotation that fixes the all-ones vector, so that it commutes with LayerNorm's mean-centring. Transforms are pure PyTorch;
 `fast-hadamard-transform` is used for the 2^m factor on CUDA tensors when it is installed.
 """
@@ -117,7 +117,7 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     """The ±1 Hadamard matrix of order n (float64, H Hᵀ = n I) that `hadamard_transform` applies."""
     factors = hadamard_factorisation(n)
     if factors is None:
-        raise ValueError(f"no Hadamard construction of order {n} here; use rotation_matrix({n}, seed) instead")
+        raise ValueError(f"no Hadamard construction of order {n} here; use make_rotation({n}, seed) instead")
     k, power = factors
     return torch.kron(_odd_factor(k), _sylvester(power)).clone()
 
@@ -141,7 +141,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     factors = hadamard_factorisation(n)
     if factors is None:
-        raise ValueError(f"no Hadamard construction of order {n} here; use rotation_matrix({n}, seed) instead")
+        raise ValueError(f"no Hadamard construction of order {n} here; use make_rotation({n}, seed) instead")
     k, power = factors
     lead = x.shape[:-1]
     blocks = x.reshape(*lead, k, power)
@@ -244,15 +244,9 @@ def make_rotation(n: int, seed: int, randomized: bool = False) -> Rotation:
     return Rotation(n, "hadamard")
 
 
-def rotation_matrix(n: int, seed: int, randomized: bool = False) -> tuple[torch.Tensor, str]:
-    """`make_rotation`'s Q as a dense float64 matrix, and its kind."""
-    rotation = make_rotation(n, seed, randomized)
-    return rotation.matrix, rotation.kind
-
-
 def mean_preserving_rotation(n: int, seed: int) -> torch.Tensor:
     """An orthonormal n×n Q (float64) with Q·1 = 1: Q = P·diag(1, R)·P, P the Householder reflection swapping e1
-    and 1/√n, R = `rotation_matrix(n - 1, seed, randomized=True)`. Then mean(xQ) = mean(x), so centring commutes
+    and 1/√n, R = `make_rotation(n - 1, seed, randomized=True)`. Then mean(xQ) = mean(x), so centring commutes
     with Q and an affine-free LayerNorm satisfies LN(xQ) = LN(x)·Q."""
     if n < 2:
         raise ValueError(f"a mean-preserving rotation needs order >= 2, got {n}")
@@ -261,5 +255,5 @@ def mean_preserving_rotation(n: int, seed: int) -> torch.Tensor:
     direction[0] += 1
     direction /= direction.norm()
     reflection = torch.eye(n, dtype=torch.float64) - 2 * torch.outer(direction, direction)
-    rest, _ = rotation_matrix(n - 1, seed, randomized=True)
+    rest = make_rotation(n - 1, seed, randomized=True).matrix
     return (reflection @ torch.block_diag(torch.ones(1, 1, dtype=torch.float64), rest) @ reflection).contiguous()

@@ -10,9 +10,9 @@ from qsvd.math.hadamard import (
     hadamard_factorisation,
     hadamard_matrix,
     hadamard_transform,
+    make_rotation,
     mean_preserving_rotation,
     random_orthogonal,
-    rotation_matrix,
 )
 
 # Orders the models need: demo (64, 128, 256), SmolLM2 (576 = 36·16, 1536 = 12·128), head dims,
@@ -37,9 +37,9 @@ def test_model_and_paper_orders_are_constructible(n):
 def test_orders_without_a_construction_are_reported_not_faked():
     assert hadamard_factorisation(4304) is None  # SigLIP-so400m's MLP width, 16·269
     assert hadamard_factorisation(11008) == (5504, 2)  # LLaVA-1.5-7B's MLP width: Paley I with q = 5503
-    with pytest.raises(ValueError, match="rotation_matrix"):
+    with pytest.raises(ValueError, match="make_rotation"):
         hadamard_matrix(4304)
-    with pytest.raises(ValueError, match="rotation_matrix"):
+    with pytest.raises(ValueError, match="make_rotation"):
         hadamard_transform(torch.zeros(2, 4304))
 
 
@@ -77,24 +77,25 @@ def test_random_orthogonal_is_orthogonal_and_seeded():
     assert not torch.equal(q, random_orthogonal(269, seed=4))
 
 
-def test_rotation_matrix_prefers_hadamard_and_falls_back_to_random():
-    rotation, kind = rotation_matrix(576, seed=0)
-    assert kind == "hadamard"
-    torch.testing.assert_close(rotation, hadamard_matrix(576) / 24.0, rtol=0, atol=0)
-    rotation, kind = rotation_matrix(1076, seed=0)  # 4·269: no construction, like SigLIP's 16·269
-    assert kind == "random" and torch.equal(rotation, random_orthogonal(1076, seed=0))
+def test_make_rotation_prefers_hadamard_and_falls_back_to_random():
+    rotation = make_rotation(576, seed=0)
+    assert rotation.kind == "hadamard"
+    torch.testing.assert_close(rotation.matrix, hadamard_matrix(576) / 24.0, rtol=0, atol=0)
+    rotation = make_rotation(1076, seed=0)  # 4·269: no construction, like SigLIP's 16·269
+    assert rotation.kind == "random" and torch.equal(rotation.matrix, random_orthogonal(1076, seed=0))
 
 
 def test_randomized_hadamard_is_a_signed_hadamard_that_depends_on_the_seed():
     plain = hadamard_matrix(48) / math.sqrt(48)
-    rotation, kind = rotation_matrix(48, seed=1, randomized=True)
-    assert kind == "randomized-hadamard"
-    torch.testing.assert_close(rotation @ rotation.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
-    signs = rotation[:, 0] / plain[:, 0]
+    rotation = make_rotation(48, seed=1, randomized=True)
+    assert rotation.kind == "randomized-hadamard"
+    matrix = rotation.matrix
+    torch.testing.assert_close(matrix @ matrix.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
+    signs = matrix[:, 0] / plain[:, 0]
     assert set(signs.tolist()) == {-1.0, 1.0}  # both signs occur: D is not ±I
-    torch.testing.assert_close(rotation, signs[:, None] * plain, rtol=0, atol=0)
-    assert torch.equal(rotation, rotation_matrix(48, seed=1, randomized=True)[0])
-    assert not torch.equal(rotation, rotation_matrix(48, seed=2, randomized=True)[0])
+    torch.testing.assert_close(matrix, signs[:, None] * plain, rtol=0, atol=0)
+    assert torch.equal(matrix, make_rotation(48, seed=1, randomized=True).matrix)
+    assert not torch.equal(matrix, make_rotation(48, seed=2, randomized=True).matrix)
 
 
 @pytest.mark.parametrize("n", [2, 32, 37, 1024])  # 31, 36 (a Hadamard), 1023: R random or randomized Hadamard
