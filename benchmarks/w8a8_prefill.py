@@ -11,23 +11,17 @@ Prefill without a cache (`use_cache=False`, logits of the last position only), r
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import qsvd
+from int_kernels import median_ms
 from qsvd.models.checkpoint import open_model
 
 
-def median_ms(model, ids: torch.Tensor, repeats: int) -> float:
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times[1:])
+def prefill_ms(model, ids: torch.Tensor, repeats: int) -> float:
+    """Median ms of a prefill without a cache (last position's logits), after one warm-up."""
+    return median_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeats, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,13 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     for cell in args.cells:
         batch, tokens = (int(v) for v in cell.split("x"))
         ids = torch.randint(100, dense.config.vocab_size, (batch, tokens), generator=generator)
-        fp32, w8a8 = median_ms(dense, ids, args.repeats), median_ms(quantized, ids, args.repeats)
+        fp32, w8a8 = prefill_ms(dense, ids, args.repeats), prefill_ms(quantized, ids, args.repeats)
         print(f"batch {batch} x {tokens} tokens: float32 {fp32:.0f} ms, W8A8 {w8a8:.0f} ms, {fp32 / w8a8:.2f}x")
     if args.profile_rows:
         from torch.profiler import ProfilerActivity, profile
 
         ids = torch.randint(100, dense.config.vocab_size, (1, 512), generator=generator)
-        median_ms(quantized, ids, 1)
+        prefill_ms(quantized, ids, 1)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 quantized(input_ids=ids, use_cache=False, logits_to_keep=1)
