@@ -8,14 +8,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the real workflow in `workdir` with the given extra arguments."""
+def snakemake(workdir: Path, *args: str, snakefile: Path = REPO / "workflow" / "Snakefile",
+              path_first: tuple[Path, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real workflow (or `snakefile`) in `workdir` with the given extra arguments. A failed job's log is
+    printed (--show-failed-logs), so an assertion that shows stderr shows why the job failed."""
+    # the rules call `python`: make it this interpreter, as `make test` does through PATH
+    path = os.pathsep.join([*map(str, path_first), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
-         "--directory", str(workdir), *args],
-        capture_output=True, text=True, cwd=workdir,
-        # the rules call `python`: make it this interpreter, as `make test` does through PATH
-        env=os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+         "--show-failed-logs", *args],
+        capture_output=True, text=True, cwd=workdir, env=os.environ | {"PATH": path} | (env or {}),
     )
 
 

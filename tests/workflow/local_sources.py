@@ -4,16 +4,14 @@ The model is a tiny Llama saved as `save_pretrained` saves it, the datasets two 
 config is config/test.yaml pointed at them: every stage on them takes seconds.
 """
 
-import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from tests.conftest import build_tiny
-from tests.workflow.conftest import REPO
+from tests.workflow.conftest import REPO, snakemake
 
 PARAGRAPH_WORDS = 300  # one passage per paragraph (qsvd.data.text_corpus: passages of >= 256 words)
 
@@ -48,13 +46,9 @@ def write_config(path: Path, model: Path, calibration_text: Path, evaluation_tex
 
 
 def run_snakemake(snakefile: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """Snakemake on `snakefile` in `workdir`; the rules' `python` is this interpreter (as in conftest.snakemake)."""
+    """Snakemake on `snakefile` in `workdir` (made if absent), as conftest.snakemake runs the real workflow."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir), *args],
-        capture_output=True, text=True, cwd=workdir,
-        env=os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-    )
+    return snakemake(workdir, *args, snakefile=snakefile)
 
 
 @dataclass

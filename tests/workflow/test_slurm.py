@@ -13,14 +13,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.workflow.conftest import REPO
+from tests.workflow.conftest import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -38,13 +37,7 @@ FAST = ("--slurm-init-seconds-before-status-checks", "1", "--seconds-between-sta
 
 def run_snakemake(workdir: Path, state: Path, *args: str) -> subprocess.CompletedProcess:
     """The real workflow in `workdir`, with the stand-in SLURM commands first on PATH and their state in `state`."""
-    path = os.pathsep.join([str(STANDIN), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
-         "--directory", str(workdir), *args],
-        capture_output=True, text=True, cwd=workdir,
-        env=os.environ | {"PATH": path, "QSVD_SLURM_STANDIN_DIR": str(state)},
-    )
+    return snakemake(workdir, *args, path_first=(STANDIN,), env={"QSVD_SLURM_STANDIN_DIR": str(state)})
 
 
 def small_config(path: Path) -> Path:
