@@ -112,11 +112,20 @@ def _generate(model: nn.Module, *args, **kwargs):
     return type(model).generate(model, *args, **kwargs)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama's rotary embedding of (batch, heads, tokens, head_dim) x, the same operations in the same order."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding of x laid out (batch, tokens, heads, head_dim), returned (batch, heads, tokens,
+    head_dim): per element transformers' x·cos + rotate_half(x)·sin in the same order (rotate_half's negation is a
+    subtraction, which rounds the same), written into one output on contiguous memory instead of concatenating."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     half = x.shape[-1] // 2
-    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    first, second = out[..., :half], out[..., half:]
+    torch.mul(x1, cos[..., :half], out=first)
+    first.sub_(x2 * sin[..., :half])
+    torch.mul(x2, cos[..., half:], out=second)
+    second.add_(x1 * sin[..., half:])
+    return out.transpose(1, 2)
 
 
 def absorbs_values(tokens: int, heads: int, length: int, rank: int, kv_heads: int, head_dim: int) -> bool:
@@ -139,10 +148,10 @@ def latent_forward(self, hidden_states, position_embeddings=None, attention_mask
     batch, tokens = hidden_states.shape[:-1]
     heads_shape = (batch, tokens, -1, self.head_dim)
     cos, sin = position_embeddings
-    query = _rope(plan.projections["q"](hidden_states).view(heads_shape).transpose(1, 2), cos, sin)
+    query = apply_rope(plan.projections["q"](hidden_states).view(heads_shape), cos, sin)
     new = {}
     if layer.k_latent is None:
-        new["k"] = _rope(plan.projections["k"](hidden_states).view(heads_shape).transpose(1, 2), cos, sin)
+        new["k"] = apply_rope(plan.projections["k"](hidden_states).view(heads_shape), cos, sin)
     if layer.v_latent is None:
         new["v"] = plan.projections["v"](hidden_states).view(heads_shape).transpose(1, 2)
     for group in layer.latents:
@@ -170,8 +179,7 @@ def latent_forward(self, hidden_states, position_embeddings=None, attention_mask
             raise ValueError("the latent cache rebuilds K with RoPE and needs position_ids in the attention's kwargs")
         cache.record_positions(kwargs["position_ids"], length, batch)
         key = rebuild(layer.k_latent, plan.projections["k"])
-        key = key.view(batch, length, -1, self.head_dim).transpose(1, 2)
-        key = _rope(key, *cache.rotary(plan.rotary_embedding, key))
+        key = apply_rope(key.view(batch, length, -1, self.head_dim), *cache.rotary(plan.rotary_embedding, key))
     kv_heads = key.shape[1]
     absorb = layer.v_latent is not None and absorbs_values(tokens, query.shape[1], length,
                                                            plan.downs[layer.v_latent].rank, kv_heads, self.head_dim)

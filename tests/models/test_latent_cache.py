@@ -14,6 +14,7 @@ from qsvd.math.cost import CACHE_MODES, cache_bytes
 from qsvd.models.latent_attention import (
     CACHE_ARGUMENT,
     absorbs_values,
+    apply_rope,
     layer_cache_plans,
     new_cache,
     use_latent_cache,
@@ -249,3 +250,18 @@ def test_values_are_absorbed_in_decode_steps_and_rebuilt_for_a_prefill():
     latents; a prefill rebuilds V first (attending with 9 heads over 288-wide latents would cost 4.5x more)."""
     assert absorbs_values(1, 9, 2048, 288, 3, 64)
     assert not absorbs_values(512, 9, 512, 288, 3, 64) and not absorbs_values(128, 9, 2048 + 128, 288, 3, 64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_rope_equals_transformers_bit_for_bit(layout):
+    """The latent attention's RoPE (tokens-first input, no concatenation) gives exactly transformers' result, for
+    cos/sin whose halves differ (no assumption on their layout) and for a strided input (a rebuilt K's view)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 64, generator=generator)  # (batch, tokens, heads, head_dim)
+    if layout == "strided":
+        x = torch.randn(2, 7, 3, 128, generator=generator)[..., ::2]
+    cos, sin = torch.randn(2, 7, 64, generator=generator), torch.randn(2, 7, 64, generator=generator)
+    expected, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+    assert torch.equal(apply_rope(x, cos, sin), expected)
