@@ -108,6 +108,8 @@ def test_every_series_of_a_plot_has_its_own_colour_and_keeps_it():
     assert len({style["color"] for style in styles.values()}) == 16
     assert series_styles(reversed(names)) == styles  # the same series, the same style, in any plot
     assert len({style["color"] for style in series_styles([f"s{i}" for i in range(30)]).values()}) == 30
+
+
 def test_cells_over_the_prompt_token_cap_are_listed_as_skipped(tiny_model, tmp_path):
     model, processor = tiny_model("llama", kv_heads=2)
     source = _saved(model, processor, tmp_path / "model")
